@@ -1,0 +1,13 @@
+"""memwise: make PyTorch training and inference fit the memory you have, and show what every byte costs."""
+
+from memwise.core.recipe import CheckpointMode, Mode, OptimizerName, Precision, Recipe
+from memwise.core.units import format_bytes, parse_size
+from memwise.core.workload import Workload
+from memwise.measure.profile import Profile, profile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointMode", "Mode", "OptimizerName", "Precision", "Profile", "Recipe", "Workload",
+    "format_bytes", "parse_size", "profile",
+]

@@ -1,0 +1,210 @@
+"""`profile`: measure where memory goes in real steps of a workload."""
+
+import copy
+import dataclasses
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memwise.core.errors import BadInputError
+from memwise.core.recipe import Mode, Recipe
+from memwise.core.serialize import from_dict, to_dict
+from memwise.core.step import StepRunner, resolve_recipe
+from memwise.core.workload import Workload, batch_tensors
+from memwise.measure.memory_log import Breakdown, ModuleMemory, Timeline
+from memwise.measure.tracker import parameter_owners, record_steps, storage_key
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Memory of real steps, measured from allocator events.
+
+    Attributes:
+        peak_bytes: the most bytes live at once over the measured steps (parameters and
+            optimizer state included), from the allocator's events.
+        baseline_bytes: bytes live before the first step (parameters and buffers).
+        by_category: bytes by category at the peak (see `memwise.measure.memory_log`).
+        by_module: parameter, gradient and activation bytes per module at the peak.
+        phase_at_peak: `forward`, `backward` or `optimizer`.
+        step_at_peak: which measured step (0-based) held the peak.
+        timeline: live bytes by category through the steps.
+        step_ms: median wall time of a step while tracked (steps after the first when there are several).
+        reference_peak_bytes: the peak of a plain `torch.profiler` pass without memwise hooks
+            (`verify=True`), else None.
+        cuda_max_allocated_bytes: `torch.cuda.max_memory_allocated` over the tracked steps
+            minus what was allocated before them plus the baseline (CUDA only), else None.
+    """
+
+    workload: str
+    mode: Mode
+    batch_size: int
+    recipe: Recipe
+    device: str
+    torch_version: str
+    steps: int
+    peak_bytes: int
+    baseline_bytes: int
+    by_category: dict[str, int]
+    by_module: tuple[ModuleMemory, ...]
+    phase_at_peak: str
+    step_at_peak: int
+    timeline: Timeline
+    step_ms: float
+    reference_peak_bytes: int | None = None
+    cuda_max_allocated_bytes: int | None = None
+    source: str = "measured"
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Profile":
+        return from_dict(cls, data, where="profile")
+
+
+def profile(
+    workload: Workload,
+    recipe: Recipe | None = None,
+    *,
+    steps: int = 3,
+    mode: Mode | str = Mode.TRAIN,
+    device: str | torch.device = "cpu",
+    verify: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Profile:
+    """Runs `steps` real steps of `workload` under `recipe` and measures their memory.
+
+    The workload's model is not touched: the steps run on a deep copy, so profiling the same model
+    again gives the same answer.
+
+    Args:
+        workload: what to run.
+        recipe: how to run it; None means the defaults with the workload's batch size.
+        steps: how many steps to measure (>= 1).
+        mode: `train` (forward, loss, backward, optimizer step, zero_grad) or `infer`.
+        device: `cpu` or a CUDA device.
+        verify: also run the steps under a plain `torch.profiler` pass with no memwise hooks and
+            report its peak as `reference_peak_bytes`.
+        progress: called as `progress(done, total)` after every step.
+
+    Returns:
+        A `Profile`; all sizes in bytes, `step_ms` in milliseconds.
+
+    Known limitations:
+        Memory allocated outside PyTorch's allocators (e.g. a library's own malloc) is not seen.
+    """
+    if not isinstance(workload, Workload):
+        raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise BadInputError(f"steps: must be a positive integer, got {steps!r}")
+    mode = _mode(mode)
+    recipe = resolve_recipe(workload, recipe)
+    device = _device(device)
+    total_steps = steps * (2 if verify else 1)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total_steps)
+
+    log, step_ms, cuda_peak = _measure(workload, recipe, mode, device, steps, with_marks=True, tick=tick)
+    breakdown: Breakdown = log.summarize()
+    reference = None
+    if verify:
+        reference_log, _, _ = _measure(workload, recipe, mode, device, steps, with_marks=False, tick=tick)
+        reference = reference_log.summarize().peak_bytes
+    timed = step_ms[1:] if len(step_ms) > 1 else step_ms
+    return Profile(
+        workload=workload.name,
+        mode=mode,
+        batch_size=recipe.batch_size,
+        recipe=recipe,
+        device=str(device),
+        torch_version=torch.__version__,
+        steps=steps,
+        peak_bytes=breakdown.peak_bytes,
+        baseline_bytes=breakdown.baseline_bytes,
+        by_category=breakdown.by_category,
+        by_module=breakdown.by_module,
+        phase_at_peak=breakdown.phase_at_peak,
+        step_at_peak=breakdown.step_at_peak,
+        timeline=breakdown.timeline,
+        step_ms=statistics.median(timed),
+        reference_peak_bytes=reference,
+        cuda_max_allocated_bytes=cuda_peak,
+    )
+
+
+def _measure(
+    workload: Workload, recipe: Recipe, mode: Mode, device: torch.device, steps: int, *,
+    with_marks: bool, tick: Callable[[], None],
+) -> tuple[Any, list[float], int | None]:
+    model = copy.deepcopy(workload.model).to(device)
+    owners = parameter_owners(model)
+    params = list(model.parameters())
+    current: dict[str, Any] = {"marker": None, "step": 0}
+
+    def on_batch(batch: Any) -> None:
+        marker = current["marker"]
+        if marker is not None:
+            marker("claim", "input", [(storage_key(t), None) for t in batch_tensors(batch)])
+
+    def on_phase(phase: str) -> None:
+        marker = current["marker"]
+        if marker is None:
+            return
+        if phase == "optimizer":
+            grads = [(storage_key(p.grad), owners.get(id(p))) for p in params if p.grad is not None]
+            marker("claim", "grad", grads)
+        if phase == "idle" and runner.optimizer is not None:
+            state = [
+                (storage_key(value), owners.get(id(param)))
+                for param, param_state in runner.optimizer.state.items()
+                for value in param_state.values()
+                if isinstance(value, torch.Tensor)
+            ]
+            marker("claim", "optimizer_state", state)
+        marker("phase", phase, current["step"])
+
+    runner = StepRunner(workload, recipe, mode, model, device, on_phase=on_phase, on_batch=on_batch)
+
+    def run_step(step: int, marker: Any) -> None:
+        current["marker"], current["step"] = marker, step
+        runner.step()
+        tick()
+
+    cuda_peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    log, step_ms = record_steps(run_step, model, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
+    if device.type == "cuda":
+        baseline = sum(p.untyped_storage().nbytes() for p in params)
+        cuda_peak = torch.cuda.max_memory_allocated(device) - allocated_before + baseline
+    del runner, model
+    return log, step_ms, cuda_peak
+
+
+def _mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise BadInputError(f"mode: invalid value {mode!r}; valid values are train, infer") from None
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"device: cannot read {device!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("device: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"device: {device.type!r} is not supported for measurement; use cpu or cuda")
+    return device
