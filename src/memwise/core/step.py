@@ -29,16 +29,24 @@ _OPTIMIZERS: dict[OptimizerName, Callable[[list[torch.nn.Parameter]], torch.opti
 }
 
 
-def build_optimizer(workload: Workload, recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `model`'s trainable parameters (the workload's own when unset)."""
+def build_optimizer(
+    workload: Workload, recipe: Recipe, model: torch.nn.Module, *, foreach: bool | None = None
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `model`'s trainable parameters (the workload's own when unset).
+
+    `foreach` forces the multi-tensor implementation on or off for the built-in optimizers (None
+    keeps torch's default: on for CUDA parameters, off for CPU ones).
+    """
     params = [param for param in model.parameters() if param.requires_grad]
     if not params:
         raise BadInputError(f"workload {workload.name!r}: the model has no trainable parameters; use mode 'infer'")
-    if recipe.optimizer is not None:
-        return _OPTIMIZERS[recipe.optimizer](params)
-    if workload.optimizer_factory is not None:
+    if recipe.optimizer is None and workload.optimizer_factory is not None:
         return workload.optimizer_factory(params)
-    return _OPTIMIZERS[OptimizerName.ADAMW](params)
+    optimizer = _OPTIMIZERS[recipe.optimizer or OptimizerName.ADAMW](params)
+    if foreach is not None:
+        for group in optimizer.param_groups:
+            group["foreach"] = foreach
+    return optimizer
 
 
 def autocast_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
@@ -90,6 +98,7 @@ class StepRunner:
         on_phase: called with `forward`, `backward`, `optimizer` as each phase begins and with
             `idle` when the step is done.
         on_batch: called with the batch right after it is made and moved to the device.
+        optimizer_foreach: see `build_optimizer`.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class StepRunner:
         device: torch.device,
         on_phase: PhaseCallback | None = None,
         on_batch: BatchCallback | None = None,
+        optimizer_foreach: bool | None = None,
     ) -> None:
         if recipe.batch_size is None:
             raise BadInputError("recipe.batch_size: must be set before running a step")
@@ -111,7 +121,7 @@ class StepRunner:
         self.device = device
         self.on_phase = on_phase or (lambda phase: None)
         self.on_batch = on_batch or (lambda batch: None)
-        self.optimizer = build_optimizer(workload, recipe, model) if self.mode == Mode.TRAIN else None
+        self.optimizer = build_optimizer(workload, recipe, model, foreach=optimizer_foreach) if self.mode == Mode.TRAIN else None
         self.scaler = (
             torch.amp.GradScaler(device.type) if self.mode == Mode.TRAIN and recipe.precision == Precision.FP16 else None
         )

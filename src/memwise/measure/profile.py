@@ -12,9 +12,10 @@ from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode, Recipe
 from memwise.core.serialize import from_dict, to_dict
 from memwise.core.step import StepRunner, resolve_recipe
-from memwise.core.workload import Workload, batch_tensors
+from memwise.core.workload import Workload
 from memwise.measure.memory_log import Breakdown, ModuleMemory, Timeline
-from memwise.measure.tracker import parameter_owners, record_steps, storage_key
+from memwise.measure.observer import StepObserver
+from memwise.measure.tracker import record_steps, storage_key
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -145,36 +146,13 @@ def _measure(
     with_marks: bool, tick: Callable[[], None],
 ) -> tuple[Any, list[float], int | None]:
     model = copy.deepcopy(workload.model).to(device)
-    owners = parameter_owners(model)
     params = list(model.parameters())
-    current: dict[str, Any] = {"marker": None, "step": 0}
-
-    def on_batch(batch: Any) -> None:
-        marker = current["marker"]
-        if marker is not None:
-            marker("claim", "input", [(storage_key(t), None) for t in batch_tensors(batch)])
-
-    def on_phase(phase: str) -> None:
-        marker = current["marker"]
-        if marker is None:
-            return
-        if phase == "optimizer":
-            grads = [(storage_key(p.grad), owners.get(id(p))) for p in params if p.grad is not None]
-            marker("claim", "grad", grads)
-        if phase == "idle" and runner.optimizer is not None:
-            state = [
-                (storage_key(value), owners.get(id(param)))
-                for param, param_state in runner.optimizer.state.items()
-                for value in param_state.values()
-                if isinstance(value, torch.Tensor)
-            ]
-            marker("claim", "optimizer_state", state)
-        marker("phase", phase, current["step"])
-
-    runner = StepRunner(workload, recipe, mode, model, device, on_phase=on_phase, on_batch=on_batch)
+    observer = StepObserver(model, storage_key)
+    runner = StepRunner(workload, recipe, mode, model, device, on_phase=observer.on_phase, on_batch=observer.on_batch)
+    observer.optimizer = runner.optimizer
 
     def run_step(step: int, marker: Any) -> None:
-        current["marker"], current["step"] = marker, step
+        observer.marker, observer.step = marker, step
         runner.step()
         tick()
 
@@ -187,7 +165,7 @@ def _measure(
     if device.type == "cuda":
         baseline = sum(p.untyped_storage().nbytes() for p in params)
         cuda_peak = torch.cuda.max_memory_allocated(device) - allocated_before + baseline
-    del runner, model
+    del runner, model, observer
     return log, step_ms, cuda_peak
 
 

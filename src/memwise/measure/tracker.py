@@ -8,7 +8,10 @@ the same profiler stream as zero-length `record_function` ranges, so the order o
 allocator events is exact and no clock has to be matched.
 """
 
+import contextlib
 import gc
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -86,6 +89,38 @@ class _Marker:
             pass
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silences file descriptor 2 (Kineto prints a line at every profiler start and stop)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def profiling_memory(device: torch.device) -> Iterator[torch_profile]:
+    """A `torch.profiler.profile(profile_memory=True)` session, started and stopped quietly."""
+    prof = torch_profile(activities=_activities(device), profile_memory=True)
+    with quiet_stderr():
+        prof.start()
+    try:
+        yield prof
+    finally:
+        with quiet_stderr():
+            prof.stop()
+
+
 def _flatten(roots: list[Any]) -> Iterator[Any]:
     stack = list(reversed(roots))
     while stack:
@@ -94,8 +129,8 @@ def _flatten(roots: list[Any]) -> Iterator[Any]:
         stack.extend(reversed(event.children))
 
 
-def _allocation_events(prof: torch_profile, device: torch.device) -> list[tuple[int, int, Any]]:
-    """(start_ns, order, event) for allocator events on `device` and for memwise markers, in time order."""
+def allocation_events(prof: torch_profile, device: torch.device, *, with_marks: bool = True) -> list[tuple[int, int, Any]]:
+    """(start_ns, order, event) for allocator events on `device` (and memwise markers), in time order."""
     events = []
     roots = prof.profiler.kineto_results.experimental_event_tree()
     for order, event in enumerate(_flatten(roots)):
@@ -103,7 +138,7 @@ def _allocation_events(prof: torch_profile, device: torch.device) -> list[tuple[
         if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
             if fields.device.type != device.type:
                 continue
-        elif not event.name.startswith(_MARK_PREFIX):
+        elif not (with_marks and event.name.startswith(_MARK_PREFIX)):
             continue
         events.append((event.start_time_ns, order, event))
     events.sort(key=lambda item: (item[0], item[1]))
@@ -140,7 +175,7 @@ def record_steps(
     gc.collect()
     step_ms: list[float] = []
     try:
-        with torch_profile(activities=_activities(device), profile_memory=True) as prof:
+        with profiling_memory(device) as prof:
             for step in range(steps):
                 start = time.perf_counter()
                 run_step(step, marker)
@@ -151,7 +186,7 @@ def record_steps(
         if hooks is not None:
             hooks.remove()
     first_phase_logged = False
-    for start_ns, _, event in _allocation_events(prof, device):
+    for start_ns, _, event in allocation_events(prof, device):
         fields = event.extra_fields
         if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
             if not first_phase_logged:  # a reference pass has no markers: open the first step here

@@ -1,0 +1,1 @@
+"""The `memwise` command line: parse, call the library, print. No logic of its own."""

@@ -1,0 +1,27 @@
+"""The `memwise` command group."""
+
+import click
+
+from memwise.cli.demo import demo
+from memwise.cli.profile import profile_command
+from memwise.cli.workloads import workloads_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="memwise")
+def main() -> None:
+    """memwise: make PyTorch training and inference fit the memory you have.
+
+    \b
+    Example:
+      memwise profile digits-cnn --batch-size 64 --verify
+    """
+
+
+main.add_command(profile_command)
+main.add_command(workloads_command)
+main.add_command(demo)
+
+
+if __name__ == "__main__":
+    main()

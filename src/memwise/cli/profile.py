@@ -1,0 +1,69 @@
+"""`memwise profile`: measure where memory goes in real steps."""
+
+from pathlib import Path
+
+import click
+
+from memwise.cli.common import (
+    StepProgress, build_recipe, emit_json, format_option, handle_errors, load_spec, recipe_options,
+)
+
+
+@click.command("profile")
+@click.argument("spec")
+@recipe_options
+@click.option("--steps", type=int, default=3, show_default=True, help="Steps to measure.")
+@click.option("--verify", is_flag=True, help="Also run a plain torch.profiler pass and report its peak as reference_peak_bytes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@format_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write profile.json, timeline.png and report.html here.")
+@handle_errors
+def profile_command(spec, batch_size, mode, precision, checkpoint, optimizer, args, steps, verify, device, output_format, out):
+    """Measure the memory of real steps of SPEC: a built-in name, file.py:function or module:function.
+
+    Totals come from the allocator's events; categories (param, grad, optimizer_state, activation,
+    temporary, input) and modules come from memwise's markers.
+
+    \b
+    Example:
+      memwise profile gpt --arg preset=tiny --batch-size 8 --precision bf16 --verify --out memwise-out
+    """
+    from memwise.core.errors import BadInputError
+    from memwise.measure.profile import profile
+    from memwise.report.output import write_report
+    from memwise.report.tables import render_markdown, render_terminal
+
+    if batch_size is not None and batch_size <= 0:
+        raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
+    if steps <= 0:
+        raise BadInputError(f"--steps: must be a positive integer, got {steps}")
+    workload = load_spec(spec, args)
+    recipe = build_recipe(batch_size, precision, checkpoint, optimizer)
+    progress = StepProgress(f"profiling {workload.name}")
+    try:
+        result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)
+    finally:
+        progress.close()
+    written = write_report(result, out, stem="profile") if out is not None else {}
+    if output_format == "json":
+        emit_json(profile_json(result))
+        return
+    if output_format == "markdown":
+        click.echo(render_markdown(result))
+    else:
+        from rich.console import Console
+
+        render_terminal(result, Console())
+    if written:
+        click.echo(f"report written to {written['html']}", err=True)
+
+
+def profile_json(result) -> dict:
+    """The JSON contract of `memwise profile --format json`."""
+    data = result.to_dict()
+    data["recipe"] = result.recipe.to_dict()
+    data["by_module"] = [
+        {"module": m.module, "param_bytes": m.param_bytes, "grad_bytes": m.grad_bytes, "activation_bytes": m.activation_bytes}
+        for m in result.by_module
+    ]
+    return data

@@ -1,0 +1,1 @@
+"""Estimating a step's peak memory without allocating its tensors (fake tensors + allocator models)."""

@@ -1,0 +1,188 @@
+"""Running a step on fake tensors and writing the memory log it would produce, without allocating.
+
+The model's parameters and buffers are replaced by fake tensors of the same shapes and dtypes (a
+deep copy whose memo maps every real or meta tensor to its fake twin, so no weight is copied and
+tied weights stay tied). A dispatch mode sees every op: a new output storage is an allocation, the
+death of its storage object a free. Scratch memory of opaque CPU kernels is added from `OpProbe`.
+"""
+
+import copy
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode, UnsupportedOperatorException,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memwise.core.errors import SymbolicExecutionError
+from memwise.core.recipe import Mode, Recipe
+from memwise.core.step import StepRunner
+from memwise.core.workload import Workload
+from memwise.estimate.op_probe import OpProbe
+from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
+from memwise.measure.observer import StepObserver
+from memwise.measure.tracker import ModuleMarks, module_names, parameter_owners
+
+_ITEM = torch.ops.aten._local_scalar_dense.default
+
+
+class FakeAllocations(TorchDispatchMode):
+    """Writes an allocation for every new storage and a free when it dies, into `log`.
+
+    Args:
+        log: where events go.
+        round_size: maps a storage's bytes to the allocator's block size (identity on CPU).
+        probe: measures hidden scratch of CPU kernels; None to skip.
+    """
+
+    def __init__(self, log: MemoryLog, *, round_size: Callable[[int], int], probe: OpProbe | None) -> None:
+        super().__init__()
+        self.log = log
+        self.round_size = round_size
+        self.probe = probe
+        self.keys: dict[int, tuple[int, weakref.ref]] = {}
+        self.counter = itertools.count(1)
+        self.phase = "idle"
+        self.module_stack: list[str] = []
+
+    def key_of(self, tensor: torch.Tensor) -> int:
+        """The log key of `tensor`'s storage (registering it as allocated-before-logging if unseen)."""
+        storage = tensor.untyped_storage()
+        known = self.keys.get(id(storage))
+        if known is not None and known[1]() is storage:
+            return known[0]
+        return self._register(storage, preexisting=None)
+
+    def track_preexisting(self, tensor: torch.Tensor, category: str, module: str) -> None:
+        storage = tensor.untyped_storage()
+        known = self.keys.get(id(storage))
+        if known is not None and known[1]() is storage:
+            return
+        self._register(storage, preexisting=(category, module))
+
+    def _register(self, storage: torch.UntypedStorage, preexisting: tuple[str, str] | None) -> int:
+        key = next(self.counter)
+        storage_id = id(storage)
+        log, keys = self.log, self.keys
+
+        def on_free(_: Any, key: int = key, storage_id: int = storage_id) -> None:
+            if keys.get(storage_id, (None,))[0] == key:
+                del keys[storage_id]
+            log.free(key)
+
+        keys[storage_id] = (key, weakref.ref(storage, on_free))
+        nbytes = self.round_size(storage.nbytes()) if storage.nbytes() else 0
+        if preexisting is not None:
+            log.preexisting(key, nbytes, *preexisting)
+        else:
+            log.alloc(key, nbytes)
+        return key
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _ITEM:
+            if self.phase in ("optimizer", "idle"):
+                return 1.0 if args[0].dtype.is_floating_point else 1  # optimizer bookkeeping: value irrelevant
+            raise self._error(func, "reads a tensor's value (.item() / int() / bool() on a tensor)")
+        try:
+            output = func(*args, **kwargs)
+        except (DynamicOutputShapeException, DataDependentOutputException) as error:
+            raise self._error(func, f"has an output shape that depends on tensor values ({type(error).__name__})") from None
+        except UnsupportedOperatorException as error:
+            raise self._error(func, f"has no fake-tensor implementation ({error})") from None
+        new_bytes = 0
+        for value in tree_flatten(output)[0]:
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                known = self.keys.get(id(storage))
+                if known is None or known[1]() is not storage:
+                    self._register(storage, preexisting=None)
+                    new_bytes += storage.nbytes()
+        if self.probe is not None:
+            extra = self.probe.extra_bytes(func, args, kwargs, new_bytes)
+            if extra:
+                key = next(self.counter)
+                self.log.alloc(key, self.round_size(extra))
+                self.log.free(key)
+        return output
+
+    def _error(self, func: Any, what: str) -> SymbolicExecutionError:
+        module = self.module_stack[-1] if self.module_stack else ROOT_MODULE
+        return SymbolicExecutionError(
+            f"cannot estimate symbolically: op {func} in module {module!r} ({self.phase}) {what}; "
+            "measure this workload with `memwise profile` instead"
+        )
+
+
+def fake_model(model: torch.nn.Module, fake_mode: FakeTensorMode) -> torch.nn.Module:
+    """A structural copy of `model` whose parameters and buffers are fake CPU tensors.
+
+    Real weights are never copied: the deep copy's memo maps each tensor to its fake twin. Works
+    for models built on the meta device.
+    """
+    memo: dict[int, Any] = {}
+    with fake_mode:
+        for param in model.parameters():
+            if id(param) not in memo:
+                fake = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device="cpu")
+                memo[id(param)] = torch.nn.Parameter(fake, requires_grad=param.requires_grad)
+        for buffer in model.buffers():
+            if id(buffer) not in memo:
+                memo[id(buffer)] = torch.zeros_like(buffer, device="cpu") if buffer.device.type == "meta" else fake_mode.from_tensor(buffer)
+    return copy.deepcopy(model, memo)
+
+
+def fake_step_log(
+    workload: Workload,
+    recipe: Recipe,
+    mode: Mode,
+    *,
+    steps: int,
+    round_size: Callable[[int], int],
+    probe: OpProbe | None,
+    optimizer_foreach: bool | None = None,
+) -> MemoryLog:
+    """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write."""
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    model = fake_model(workload.model, fake_mode)
+    log = MemoryLog(mode=mode.value, module_names=module_names(model))
+    recorder = FakeAllocations(log, round_size=round_size, probe=probe)
+    owners = parameter_owners(model)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        recorder.track_preexisting(param, "param", owners.get(id(param), ROOT_MODULE))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        recorder.track_preexisting(buffer, "buffer", name.rpartition(".")[0] or ROOT_MODULE)
+    observer = StepObserver(model, recorder.key_of)
+
+    def on_phase(phase: str) -> None:
+        recorder.phase = phase
+        observer.on_phase(phase)
+
+    def marker(method: str, *args: Any) -> None:
+        if method == "enter":
+            recorder.module_stack.append(args[0])
+        elif method == "exit" and recorder.module_stack:
+            recorder.module_stack.pop()
+        getattr(log, method)(*args)
+
+    hooks = ModuleMarks(model, lambda name: marker("enter", name), lambda name: marker("exit", name))
+    observer.marker = marker
+    try:
+        with fake_mode, recorder:
+            runner = StepRunner(workload, recipe, mode, model, torch.device("cpu"), on_phase=on_phase, on_batch=observer.on_batch,
+                                optimizer_foreach=optimizer_foreach)
+            observer.optimizer = runner.optimizer
+            for step in range(steps):
+                observer.step = step
+                log.phase("idle", step)
+                runner.step()
+            del runner
+            observer.optimizer = None
+    finally:
+        hooks.remove()
+    return log

@@ -1,0 +1,115 @@
+"""Learning what an opaque kernel allocates inside itself, from a small real run of that one op.
+
+Fake tensors see an op's outputs but not the scratch buffers its CPU kernel allocates and frees
+before returning (an im2col buffer, a transposed copy for a matmul, an LSTM's gates). The probe
+runs the op once for real on random inputs of the same shapes, dtypes and strides under the
+allocator's profiler, and returns the bytes the op held above its own outputs at its internal peak.
+Results are cached by op and signature.
+"""
+
+import math
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+
+from memwise.measure.tracker import allocation_events, profiling_memory
+
+# Ops whose kernels never allocate scratch memory: views, metadata, in-place fills and copies.
+_SKIP_TAGS = (torch.Tag.inplace_view, torch.Tag.view_copy) if hasattr(torch.Tag, "view_copy") else (torch.Tag.inplace_view,)
+_CPU = torch.device("cpu")
+
+
+class OpProbe:
+    """Measures and caches the hidden scratch bytes of ops on CPU.
+
+    Args:
+        max_probe_bytes: ops whose inputs and outputs together exceed this are not probed (their
+            scratch is assumed zero, and counted in `unprobed_bytes`).
+    """
+
+    def __init__(self, *, max_probe_bytes: int = 256 * 2**20) -> None:
+        self.max_probe_bytes = max_probe_bytes
+        self.cache: dict[Any, int] = {}
+        self.probed = 0
+        self.unprobed_ops: dict[str, int] = {}
+
+    def extra_bytes(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, output_bytes: int) -> int:
+        """Scratch bytes `func(*args, **kwargs)` holds above its outputs at its internal peak."""
+        if _is_trivial(func):
+            return 0
+        signature = _signature(func, args, kwargs)
+        if signature in self.cache:
+            return self.cache[signature]
+        input_bytes = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        if input_bytes + output_bytes > self.max_probe_bytes:
+            self.unprobed_ops[str(func)] = self.unprobed_ops.get(str(func), 0) + 1
+            self.cache[signature] = 0
+            return 0
+        try:
+            extra = _probe(func, args, kwargs)
+        except Exception:  # an op that cannot run on random inputs: assume no scratch
+            extra = 0
+        self.cache[signature] = extra
+        self.probed += 1
+        return extra
+
+
+def _is_trivial(func: torch._ops.OpOverload) -> bool:
+    if any(tag in func.tags for tag in _SKIP_TAGS) or torch.Tag.pointwise in func.tags:
+        return True
+    schema = func._schema
+    if any(ret.alias_info is not None for ret in schema.returns):  # views and in-place ops
+        return True
+    return func.name().startswith(("aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::rand", "aten::detach", "aten::_to_copy", "aten::copy", "aten::clone", "aten::lift_fresh", "aten::scalar_tensor", "aten::_local_scalar_dense"))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes() if tensor.numel() else 0
+
+
+def _signature(func: Any, args: tuple, kwargs: dict) -> Any:
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.requires_grad)
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            return value
+        return type(value).__name__
+
+    return (str(func), describe(args), tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+
+
+def _real_like(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    size = sum((s - 1) * st for s, st in zip(value.shape, value.stride())) + 1 if value.numel() else 0
+    storage = torch.empty(size, dtype=value.dtype, device=_CPU)
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        storage.normal_()
+    elif value.dtype == torch.bool:
+        storage.fill_(True)
+    else:
+        storage.zero_()
+    real = storage.as_strided(value.shape, value.stride())
+    return real.requires_grad_(value.requires_grad) if value.dtype.is_floating_point else real
+
+
+def _probe(func: Any, args: tuple, kwargs: dict) -> int:
+    with _disable_current_modes():
+        return _probe_real(func, args, kwargs)
+
+
+def _probe_real(func: Any, args: tuple, kwargs: dict) -> int:
+    real_args, real_kwargs = tree_map(_real_like, (args, kwargs))
+    with torch.no_grad(), profiling_memory(_CPU) as prof:
+        output = func(*real_args, **real_kwargs)
+    running = peak = 0
+    for _, _, event in allocation_events(prof, _CPU, with_marks=False):
+        running += event.extra_fields.alloc_size
+        peak = max(peak, running)
+    outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    del output, outputs
+    return max(0, peak - running) if math.isfinite(peak) else 0
