@@ -3,11 +3,13 @@
 from memwise.core.recipe import CheckpointMode, Mode, OptimizerName, Precision, Recipe
 from memwise.core.units import format_bytes, parse_size
 from memwise.core.workload import Workload
+from memwise.estimate.estimator import Estimate, estimate
 from memwise.measure.profile import Profile, profile
+from memwise.workloads import load_workload
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointMode", "Mode", "OptimizerName", "Precision", "Profile", "Recipe", "Workload",
-    "format_bytes", "parse_size", "profile",
+    "CheckpointMode", "Estimate", "Mode", "OptimizerName", "Precision", "Profile", "Recipe", "Workload",
+    "estimate", "format_bytes", "load_workload", "parse_size", "profile",
 ]

@@ -3,6 +3,7 @@
 import click
 
 from memwise.cli.demo import demo
+from memwise.cli.estimate import devices_command, estimate_command
 from memwise.cli.profile import profile_command
 from memwise.cli.workloads import workloads_command
 
@@ -20,6 +21,8 @@ def main() -> None:
 
 main.add_command(profile_command)
 main.add_command(workloads_command)
+main.add_command(estimate_command)
+main.add_command(devices_command)
 main.add_command(demo)
 
 

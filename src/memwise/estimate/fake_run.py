@@ -23,7 +23,7 @@ from memwise.core.errors import SymbolicExecutionError
 from memwise.core.recipe import Mode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
-from memwise.estimate.op_probe import OpProbe
+from memwise.estimate.op_probe import NO_PROBE, OpProbe
 from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
 from memwise.measure.observer import StepObserver
 from memwise.measure.tracker import ModuleMarks, module_names, parameter_owners
@@ -65,7 +65,7 @@ class FakeAllocations(TorchDispatchMode):
             return
         self._register(storage, preexisting=(category, module))
 
-    def _register(self, storage: torch.UntypedStorage, preexisting: tuple[str, str] | None) -> int:
+    def _register(self, storage: torch.UntypedStorage, preexisting: tuple[str, str] | None, nbytes: int | None = None) -> int:
         key = next(self.counter)
         storage_id = id(storage)
         log, keys = self.log, self.keys
@@ -76,7 +76,8 @@ class FakeAllocations(TorchDispatchMode):
             log.free(key)
 
         keys[storage_id] = (key, weakref.ref(storage, on_free))
-        nbytes = self.round_size(storage.nbytes()) if storage.nbytes() else 0
+        nbytes = storage.nbytes() if nbytes is None else nbytes
+        nbytes = self.round_size(nbytes) if nbytes else 0
         if preexisting is not None:
             log.preexisting(key, nbytes, *preexisting)
         else:
@@ -95,20 +96,23 @@ class FakeAllocations(TorchDispatchMode):
             raise self._error(func, f"has an output shape that depends on tensor values ({type(error).__name__})") from None
         except UnsupportedOperatorException as error:
             raise self._error(func, f"has no fake-tensor implementation ({error})") from None
-        new_bytes = 0
-        for value in tree_flatten(output)[0]:
+        leaves = tree_flatten(output)[0]
+        new_storages = []
+        for position, value in enumerate(leaves):
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
                 known = self.keys.get(id(storage))
-                if known is None or known[1]() is not storage:
-                    self._register(storage, preexisting=None)
-                    new_bytes += storage.nbytes()
-        if self.probe is not None:
-            extra = self.probe.extra_bytes(func, args, kwargs, new_bytes)
-            if extra:
-                key = next(self.counter)
-                self.log.alloc(key, self.round_size(extra))
-                self.log.free(key)
+                if (known is None or known[1]() is not storage) and all(storage is not s for _, s in new_storages):
+                    new_storages.append((position, storage))
+        probed = self.probe.measure(func, args, kwargs, sum(s.nbytes() for _, s in new_storages)) if self.probe else NO_PROBE
+        real_sizes = probed.output_storage_bytes if len(probed.output_storage_bytes) == len(leaves) else None
+        for position, storage in new_storages:
+            # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
+            self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
+        if probed.scratch_bytes:
+            key = next(self.counter)
+            self.log.alloc(key, self.round_size(probed.scratch_bytes))
+            self.log.free(key)
         return output
 
     def _error(self, func: Any, what: str) -> SymbolicExecutionError:

@@ -7,7 +7,7 @@ allocator's profiler, and returns the bytes the op held above its own outputs at
 Results are cached by op and signature.
 """
 
-import math
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,6 +19,26 @@ from memwise.measure.tracker import allocation_events, profiling_memory
 # Ops whose kernels never allocate scratch memory: views, metadata, in-place fills and copies.
 _SKIP_TAGS = (torch.Tag.inplace_view, torch.Tag.view_copy) if hasattr(torch.Tag, "view_copy") else (torch.Tag.inplace_view,)
 _CPU = torch.device("cpu")
+# Arguments that carry a kernel's private state from forward to backward (RNN workspaces, cuDNN
+# reserves): a probe would have to invent their bytes, and kernels trust them blindly.
+_OPAQUE_ARGUMENTS = ("workspace", "reserve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What one op allocated for real.
+
+    Attributes:
+        scratch_bytes: bytes held above the op's outputs at its internal peak.
+        output_storage_bytes: storage bytes of each tensor in the flattened output, as the real
+            kernel sized it (a oneDNN workspace can be larger than its fake twin), or () if unknown.
+    """
+
+    scratch_bytes: int
+    output_storage_bytes: tuple[int, ...]
+
+
+NO_PROBE = ProbeResult(scratch_bytes=0, output_storage_bytes=())
 
 
 class OpProbe:
@@ -35,31 +55,33 @@ class OpProbe:
         self.probed = 0
         self.unprobed_ops: dict[str, int] = {}
 
-    def extra_bytes(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, output_bytes: int) -> int:
-        """Scratch bytes `func(*args, **kwargs)` holds above its outputs at its internal peak."""
+    def measure(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, output_bytes: int) -> ProbeResult:
+        """What `func(*args, **kwargs)` really allocates on CPU (`NO_PROBE` when not probed)."""
         if _is_trivial(func):
-            return 0
+            return NO_PROBE
         signature = _signature(func, args, kwargs)
         if signature in self.cache:
             return self.cache[signature]
         input_bytes = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         if input_bytes + output_bytes > self.max_probe_bytes:
             self.unprobed_ops[str(func)] = self.unprobed_ops.get(str(func), 0) + 1
-            self.cache[signature] = 0
-            return 0
+            self.cache[signature] = NO_PROBE
+            return NO_PROBE
         try:
-            extra = _probe(func, args, kwargs)
+            result = _probe(func, args, kwargs)
         except Exception:  # an op that cannot run on random inputs: assume no scratch
-            extra = 0
-        self.cache[signature] = extra
+            result = NO_PROBE
+        self.cache[signature] = result
         self.probed += 1
-        return extra
+        return result
 
 
 def _is_trivial(func: torch._ops.OpOverload) -> bool:
     if any(tag in func.tags for tag in _SKIP_TAGS) or torch.Tag.pointwise in func.tags:
         return True
     schema = func._schema
+    if any(any(word in arg.name for word in _OPAQUE_ARGUMENTS) for arg in schema.arguments):
+        return True  # random bytes in a kernel's own workspace can crash it: never probe those
     if any(ret.alias_info is not None for ret in schema.returns):  # views and in-place ops
         return True
     return func.name().startswith(("aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::rand", "aten::detach", "aten::_to_copy", "aten::copy", "aten::clone", "aten::lift_fresh", "aten::scalar_tensor", "aten::_local_scalar_dense"))
@@ -97,19 +119,21 @@ def _real_like(value: Any) -> Any:
     return real.requires_grad_(value.requires_grad) if value.dtype.is_floating_point else real
 
 
-def _probe(func: Any, args: tuple, kwargs: dict) -> int:
+def _probe(func: Any, args: tuple, kwargs: dict) -> ProbeResult:
     with _disable_current_modes():
         return _probe_real(func, args, kwargs)
 
 
-def _probe_real(func: Any, args: tuple, kwargs: dict) -> int:
+def _probe_real(func: Any, args: tuple, kwargs: dict) -> ProbeResult:
     real_args, real_kwargs = tree_map(_real_like, (args, kwargs))
-    with torch.no_grad(), profiling_memory(_CPU) as prof:
+    with profiling_memory(_CPU) as prof:  # grad mode as the caller had it: some kernels check it
         output = func(*real_args, **real_kwargs)
     running = peak = 0
     for _, _, event in allocation_events(prof, _CPU, with_marks=False):
         running += event.extra_fields.alloc_size
         peak = max(peak, running)
-    outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-    del output, outputs
-    return max(0, peak - running) if math.isfinite(peak) else 0
+    sizes = tuple(
+        value.untyped_storage().nbytes() if isinstance(value, torch.Tensor) else 0 for value in tree_flatten(output)[0]
+    )
+    del output
+    return ProbeResult(scratch_bytes=max(0, peak - running), output_storage_bytes=sizes)

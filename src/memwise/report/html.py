@@ -102,7 +102,8 @@ def _subtitle(result: Any) -> str:
 def _html_table(content: TableContent, *, show_header: bool = True) -> str:
     def cell(tag: str, index: int, text: str) -> str:
         numeric = ' class="num"' if index in content.numeric_columns else ""
-        inner = f"<code>{escape(text)}</code>" if index in content.code_columns else escape(text)
+        is_code = tag == "td" and index in content.code_columns
+        inner = f"<code>{escape(text)}</code>" if is_code else escape(text)
         return f"<{tag}{numeric}>{inner}</{tag}>"
 
     lines = [f"<h2>{escape(content.title)}</h2>", "<table>"]

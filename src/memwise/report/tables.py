@@ -170,7 +170,8 @@ def what_if_content(result: Any) -> TableContent | None:
             continue
         delta = peak - result.peak_bytes
         sign = "+" if delta > 0 else ""
-        rows.append((str(change), format_bytes(peak), f"{sign}{format_bytes(delta)} ({_share_text(delta, result.peak_bytes, signed=True)})"))
+        share = _share_text(delta, result.peak_bytes, signed=True)
+        rows.append((str(change), format_bytes(peak), f"{sign}{format_bytes(delta)} ({share})"))
     return TableContent(
         title="What if",
         headers=("Change", "Peak", "Change in peak"),

@@ -16,7 +16,7 @@ from memwise.core.errors import BadInputError
 from memwise.core.workload import Workload
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTConfig:
     """Shape of a `GPT`.
 
@@ -187,6 +187,7 @@ def gpt(
     seq_len: int | None = None,
     dropout: float = 0.0,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Workload:
     """Builds the `gpt` workload: a `GPT` from a preset, with any of its sizes overridden.
 
@@ -204,6 +205,8 @@ def gpt(
         seq_len: tokens per sequence in a batch; defaults to block_size and must not exceed it.
         dropout: dropout probability.
         seed: seeds the initial weights and the generator of the batches.
+        device: `cpu`, or `meta` to build the model without allocating its weights (for
+            `memwise estimate` of models larger than this machine).
 
     Returns:
         A Workload named `gpt-<preset>` whose `make_batch(batch_size)` returns `(idx, targets)`:
@@ -224,7 +227,9 @@ def gpt(
     if seq_len > config.block_size:
         raise BadInputError(f"gpt seq_len={seq_len} exceeds block_size={config.block_size}; lower seq_len or raise block_size")
 
-    with torch.random.fork_rng(devices=[]):
+    if device not in ("cpu", "meta"):
+        raise BadInputError(f"gpt device: must be 'cpu' or 'meta', got {device!r}")
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = GPT(config)
     generator = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ downloaded; with `device="meta"` nothing is allocated at all, which lets an esti
 7B model in a second.
 """
 
+import copy
 import difflib
 import inspect
 from typing import Any
@@ -77,6 +78,10 @@ def hf(
     if not isinstance(vocab_size, int):
         raise WorkloadError(f"hf:{model_type}: the config has no integer vocab_size; only text models are supported")
     seq_len = _resolve_seq_len(config, seq_len, model_type)
+    if "use_cache" not in overrides and hasattr(config, "use_cache"):
+        # A step here is one full-sequence pass, as in training: a key/value cache only costs
+        # memory, and a checkpointed block replayed in backward would append to it a second time.
+        config.use_cache = False
 
     task = _resolve_task(model_type, task, modeling_auto)
     if task == "seq2seq-lm" and getattr(config, "decoder_start_token_id", None) is None:
@@ -118,7 +123,7 @@ def hf(
         loss_fn=None if with_labels else _mean_hidden_state_loss,
         name=f"hf:{model_type}",
         default_batch_size=8,
-        extras={"config": config, "task": task, "seq_len": seq_len},
+        extras={"config": model.config, "task": task, "seq_len": seq_len},
     )
 
 
@@ -180,7 +185,8 @@ def _check_overrides(default_config: Any, overrides: dict[str, Any], model_type:
             ok = True  # None or a structured default: transformers validates it.
         if not ok:
             raise WorkloadError(
-                f"hf:{model_type}: config key {key}={value!r} should be a {type(default).__name__} like its default {default!r}"
+                f"hf:{model_type}: config key {key}={value!r} should be of type {type(default).__name__}, "
+                f"like its default {default!r}"
             )
 
 
@@ -221,7 +227,8 @@ def _resolve_task(model_type: str, task: str, modeling_auto: Any) -> str:
 
 def _from_config(auto_class: Any, config: Any, model_type: str) -> torch.nn.Module:
     try:
-        return auto_class.from_config(config, attn_implementation="sdpa")
+        # A copy, because a failed attempt leaves "sdpa" recorded in the config it was given.
+        return auto_class.from_config(copy.deepcopy(config), attn_implementation="sdpa")
     except (ValueError, ImportError):
         pass  # The architecture has no SDPA attention: use its default implementation.
     try:

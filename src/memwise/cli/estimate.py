@@ -1,0 +1,94 @@
+"""`memwise estimate` and `memwise devices`."""
+
+import click
+
+from memwise.cli.common import (
+    build_recipe, emit_json, format_option, handle_errors, load_spec, recipe_options,
+)
+
+
+@click.command("estimate")
+@click.argument("spec")
+@recipe_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, or a GPU from `memwise devices` (e.g. H100-80GB).")
+@click.option("--device-memory", default=None, metavar="SIZE", help="The device's capacity, e.g. 24GiB (for a GPU not in the catalog, or to override).")
+@click.option("--budget", default=None, metavar="SIZE", help="A memory budget to check, e.g. 6GiB or 500MB.")
+@format_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write estimate.json, timeline.png and report.html here.")
+@handle_errors
+def estimate_command(spec, batch_size, mode, precision, checkpoint, optimizer, args, device, device_memory, budget, output_format, out):
+    """Predict the peak memory of a step of SPEC on a device, without running it there.
+
+    The step runs on fake tensors on this CPU: no weights are allocated. With --budget or a GPU
+    device, it says whether the step fits and what would make it fit.
+
+    \b
+    Example:
+      memwise estimate gpt --arg preset=small --batch-size 16 --device RTX-4090 --precision bf16
+      memwise estimate hf:bert --arg num_hidden_layers=4 --budget 2GiB --format json
+    """
+    from pathlib import Path
+
+    from memwise.core.errors import BadInputError
+    from memwise.core.units import parse_size
+    from memwise.estimate.estimator import estimate
+    from memwise.report.output import write_report
+    from memwise.report.tables import render_markdown, render_terminal
+
+    if batch_size is not None and batch_size <= 0:
+        raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
+    device_memory_bytes = parse_size(device_memory, name="--device-memory") if device_memory is not None else None
+    budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
+    workload = load_spec(spec, args)
+    recipe = build_recipe(batch_size, precision, checkpoint, optimizer)
+    result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
+    written = write_report(result, Path(out), stem="estimate") if out is not None else {}
+    if output_format == "json":
+        emit_json(estimate_json(result))
+    elif output_format == "markdown":
+        click.echo(render_markdown(result))
+    else:
+        from rich.console import Console
+
+        render_terminal(result, Console())
+    if written:
+        click.echo(f"report written to {written['html']}", err=True)
+
+
+def estimate_json(result) -> dict:
+    """The JSON contract of `memwise estimate --format json`."""
+    data = result.to_dict()
+    data["recipe"] = result.recipe.to_dict()
+    data["what_if"] = [{"change": row.change, "peak_bytes": row.peak_bytes, "fits": row.fits, "method": row.method} for row in result.what_if]
+    data["by_module"] = [
+        {"module": m.module, "param_bytes": m.param_bytes, "grad_bytes": m.grad_bytes, "activation_bytes": m.activation_bytes}
+        for m in result.by_module
+    ]
+    return data
+
+
+@click.command("devices")
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def devices_command(output_format):
+    """List the GPUs memwise knows, with their capacity and CUDA context size.
+
+    \b
+    Example:
+      memwise devices
+      memwise estimate gpt --device A100-80GB
+    """
+    from memwise.core.devices import DEVICES
+    from memwise.core.units import format_bytes
+
+    if output_format == "json":
+        emit_json([spec.to_dict() for spec in DEVICES.values()])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="devices (use the name with --device)")
+    for column in ("name", "memory", "context", "description"):
+        table.add_column(column)
+    for spec in DEVICES.values():
+        table.add_row(spec.name, format_bytes(spec.memory_bytes), format_bytes(spec.context_bytes), spec.description)
+    Console().print(table)

@@ -1,0 +1,261 @@
+"""`estimate`: a step's peak memory for a target device, before running it there."""
+
+import dataclasses
+import time
+from typing import Any
+
+import psutil
+
+from memwise.core.devices import DeviceSpec, custom_device, get_device
+from memwise.core.errors import BadInputError
+from memwise.core.recipe import CheckpointMode, Mode, Precision, Recipe
+from memwise.core.serialize import from_dict, to_dict
+from memwise.core.step import resolve_recipe
+from memwise.core.workload import Workload
+from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
+from memwise.estimate.fake_run import fake_step_log
+from memwise.estimate.op_probe import OpProbe
+from memwise.measure.memory_log import Breakdown, ModuleMemory, Timeline
+
+# Error bands, from the accuracy grid in docs/benchmarks.md. On CPU every op's scratch is probed,
+# so the estimate tracks the allocator to well under 1%; the band covers allocator-order effects
+# and ops too large to probe. For CUDA targets the kernels differ from the CPU ones replayed here.
+_CPU_BAND = (0.03, 0.03)
+_CUDA_BAND = (0.05, 0.10)
+_STEPS = 2  # the second step is the steady state: optimizer state exists through forward and backward
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WhatIf:
+    """One alternative configuration and its predicted peak."""
+
+    change: str
+    peak_bytes: int
+    fits: bool | None
+    method: str  # "estimated" (a full symbolic run) or "analytic" (derived from this estimate's categories)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Contributor:
+    """A category or module that holds a large share of the peak."""
+
+    name: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """Predicted memory of a step on a target device, made without allocating its tensors.
+
+    Attributes:
+        peak_bytes: predicted peak of allocated bytes (on CUDA: as `torch.cuda.max_memory_allocated`
+            reports it, block sizes rounded by the caching allocator).
+        low_bytes, high_bytes: the stated error range around `peak_bytes`.
+        reserved_bytes: CUDA only: predicted peak the caching allocator reserves from the driver.
+        context_bytes: CUDA only: the CUDA context and library handles, outside the allocator.
+        total_bytes: what the process needs on the device: reserved + context on CUDA, peak on CPU.
+        capacity_bytes: the device's memory (or `--device-memory`), None for an unbounded CPU.
+        budget_bytes: the budget checked, the smaller of capacity and `--budget`.
+        fits: `total_bytes <= budget_bytes`, None when there is no budget.
+        what_if: alternatives and their predicted peaks (with a budget or a device).
+        assumptions: what the estimate took for granted.
+        elapsed_s: seconds the estimate took.
+    """
+
+    workload: str
+    mode: Mode
+    batch_size: int
+    recipe: Recipe
+    device: str
+    peak_bytes: int
+    low_bytes: int
+    high_bytes: int
+    baseline_bytes: int
+    by_category: dict[str, int]
+    by_module: tuple[ModuleMemory, ...]
+    phase_at_peak: str
+    step_at_peak: int
+    timeline: Timeline
+    reserved_bytes: int | None
+    context_bytes: int | None
+    total_bytes: int
+    capacity_bytes: int | None
+    budget_bytes: int | None
+    fits: bool | None
+    top_contributors: tuple[Contributor, ...]
+    what_if: tuple[WhatIf, ...]
+    assumptions: tuple[str, ...]
+    elapsed_s: float
+    source: str = "estimated"
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Estimate":
+        return from_dict(cls, data, where="estimate")
+
+
+def resolve_device(device: str | DeviceSpec, device_memory_bytes: int | None = None) -> DeviceSpec:
+    """The target device: `cpu`, a catalog name, or a DeviceSpec; `device_memory_bytes` overrides its capacity."""
+    if isinstance(device, DeviceSpec):
+        spec = device
+    elif str(device).lower() == "cpu":
+        spec = DeviceSpec(name="cpu", kind="cpu", memory_bytes=psutil.virtual_memory().total, context_bytes=0,
+                          description="this machine's host memory")
+    elif str(device).lower() in ("cuda", "gpu", "custom"):
+        if device_memory_bytes is None:
+            raise BadInputError(f"device {device!r}: give its size with --device-memory, or name a catalog GPU (see `memwise devices`)")
+        spec = custom_device(device_memory_bytes)
+    else:
+        spec = get_device(str(device))
+    if device_memory_bytes is not None:
+        spec = dataclasses.replace(spec, memory_bytes=device_memory_bytes)
+    return spec
+
+
+def estimate(
+    workload: Workload,
+    recipe: Recipe | None = None,
+    device: str | DeviceSpec = "cpu",
+    *,
+    mode: Mode | str = Mode.TRAIN,
+    device_memory_bytes: int | None = None,
+    budget_bytes: int | None = None,
+    what_if: bool | None = None,
+) -> Estimate:
+    """Predicts the peak memory of a step of `workload` under `recipe` on `device`.
+
+    The step runs on fake tensors on this machine's CPU, so nothing of the model's size is
+    allocated; a model built on the meta device works too.
+
+    Args:
+        workload: what to run.
+        recipe: how to run it; None means the defaults with the workload's batch size.
+        device: `cpu`, a GPU from the catalog (`memwise devices`), or a DeviceSpec.
+        mode: `train` or `infer`.
+        device_memory_bytes: overrides the device's capacity.
+        budget_bytes: a budget below the capacity to check against.
+        what_if: compute alternative configurations; default: when there is a budget or a GPU.
+
+    Returns:
+        An `Estimate`, sizes in bytes.
+
+    Assumptions:
+        CPU: scratch memory of each op's kernel is learned by running that op once for real on
+        random inputs of the same shapes (ops with more than 64 MiB of inputs and outputs are not
+        probed). CUDA: allocations are replayed through a model of the caching allocator;
+        kernel workspaces other than the outputs are not modelled; autocast follows the CPU op
+        lists; built-in optimizers use the multi-tensor (foreach) path, as on CUDA by default.
+
+    Known limitations:
+        Ops with data-dependent shapes, `.item()` in forward/backward and custom C++ ops without
+        a fake implementation raise SymbolicExecutionError; measure those with `profile`.
+    """
+    started = time.perf_counter()
+    if not isinstance(workload, Workload):
+        raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
+    mode = Mode(mode) if not isinstance(mode, Mode) else mode
+    recipe = resolve_recipe(workload, recipe)
+    spec = resolve_device(device, device_memory_bytes)
+    probe = OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None
+    breakdown, reserved = _run(workload, recipe, mode, spec, probe)
+    assumptions = _assumptions(spec, probe, recipe)
+    low_band, high_band = _CPU_BAND if spec.kind == "cpu" else _CUDA_BAND
+    context = spec.context_bytes if spec.kind == "cuda" else None
+    total = (reserved + context) if spec.kind == "cuda" else breakdown.peak_bytes
+    capacity = spec.memory_bytes if (spec.kind == "cuda" or device_memory_bytes is not None) else None
+    budgets = [b for b in (capacity, budget_bytes) if b is not None]
+    budget = min(budgets) if budgets else None
+    want_what_if = what_if if what_if is not None else budget is not None
+    rows = _what_if(workload, recipe, mode, spec, breakdown, total, budget) if want_what_if else ()
+    return Estimate(
+        workload=workload.name,
+        mode=mode,
+        batch_size=recipe.batch_size,
+        recipe=recipe,
+        device=spec.name,
+        peak_bytes=breakdown.peak_bytes,
+        low_bytes=int(breakdown.peak_bytes * (1 - low_band)),
+        high_bytes=int(breakdown.peak_bytes * (1 + high_band)),
+        baseline_bytes=breakdown.baseline_bytes,
+        by_category=breakdown.by_category,
+        by_module=breakdown.by_module,
+        phase_at_peak=breakdown.phase_at_peak,
+        step_at_peak=breakdown.step_at_peak,
+        timeline=breakdown.timeline,
+        reserved_bytes=reserved if spec.kind == "cuda" else None,
+        context_bytes=context,
+        total_bytes=total,
+        capacity_bytes=capacity,
+        budget_bytes=budget,
+        fits=None if budget is None else total <= budget,
+        top_contributors=_top_contributors(breakdown),
+        what_if=rows,
+        assumptions=tuple(assumptions),
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe: OpProbe | None) -> tuple[Breakdown, int]:
+    cuda = spec.kind == "cuda"
+    log = fake_step_log(
+        workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
+        round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
+        optimizer_foreach=True if cuda else None,
+    )
+    breakdown = log.summarize()
+    if not cuda:
+        return breakdown, breakdown.peak_bytes
+    allocator_events = [event[:3] if event[0] == "alloc" else event[:2] for event in log.events if event[0] in ("alloc", "free")]
+    return breakdown, replay_caching_allocator(allocator_events).peak_reserved_bytes
+
+
+def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> list[str]:
+    notes = ["the step runs as memwise runs it: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True)"]
+    if spec.kind == "cpu":
+        notes.append(f"CPU kernel scratch learned from {probe.probed} real single-op probes")
+        if probe.unprobed_ops:
+            names = ", ".join(sorted(probe.unprobed_ops)[:5])
+            notes.append(f"ops too large to probe were assumed to need no scratch: {names}")
+    else:
+        notes.append(f"CUDA caching allocator modelled (512-byte rounding, 2 MiB small / 20 MiB large segments); context {spec.context_bytes} bytes")
+        notes.append("CUDA kernel workspaces (cuBLAS, cuDNN, attention) beyond their outputs are not modelled")
+        if recipe.precision != Precision.FP32:
+            notes.append("autocast casts follow PyTorch's CPU autocast op lists, which differ slightly from CUDA's")
+        notes.append("built-in optimizers use the multi-tensor (foreach) implementation, PyTorch's default on CUDA")
+    return notes
+
+
+def _top_contributors(breakdown: Breakdown) -> tuple[Contributor, ...]:
+    categories = sorted(breakdown.by_category.items(), key=lambda item: -item[1])
+    return tuple(Contributor(name=name, bytes=value) for name, value in categories[:3] if value > 0)
+
+
+def _what_if(
+    workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, breakdown: Breakdown, total: int, budget: int | None,
+) -> tuple[WhatIf, ...]:
+    overhead = total - breakdown.peak_bytes  # reserved slack and context stay roughly constant
+
+    def row(change: str, peak: int, method: str) -> WhatIf:
+        return WhatIf(change=change, peak_bytes=int(peak), fits=None if budget is None else peak + overhead <= budget, method=method)
+
+    def rerun(change: str, new_recipe: Recipe) -> WhatIf:
+        other, _ = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None)
+        return row(change, other.peak_bytes, "estimated")
+
+    rows = []
+    if recipe.batch_size > 1:
+        rows.append(rerun(f"batch size halved ({recipe.batch_size} -> {recipe.batch_size // 2})", recipe.replace(batch_size=recipe.batch_size // 2)))
+    if recipe.precision == Precision.FP32:
+        rows.append(rerun("bf16 autocast", recipe.replace(precision=Precision.BF16)))
+    if mode == Mode.TRAIN and recipe.checkpoint == CheckpointMode.NONE:
+        rows.append(rerun("full activation checkpointing", recipe.replace(checkpoint=CheckpointMode.FULL)))
+    state = breakdown.by_category.get("optimizer_state", 0)
+    if mode == Mode.TRAIN and state:
+        rows.append(row("bf16 optimizer state", breakdown.peak_bytes - state // 2, "analytic"))
+        rows.append(row("8-bit optimizer state", breakdown.peak_bytes - (state * 3) // 4, "analytic"))
+    resident = sum(breakdown.by_category.get(c, 0) for c in ("param", "grad", "optimizer_state"))
+    if resident:
+        rows.append(row("half of the layers offloaded to host", breakdown.peak_bytes - resident // 2, "analytic"))
+    return tuple(rows)
