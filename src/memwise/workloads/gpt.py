@@ -5,6 +5,7 @@ GELU MLP of 4x width, causal `scaled_dot_product_attention`), so its parameter c
 names match what readers of nanoGPT expect: the `gpt2-124m` preset has 124,439,808 parameters.
 """
 
+import contextlib
 import dataclasses
 import math
 
@@ -229,7 +230,8 @@ def gpt(
 
     if device not in ("cpu", "meta"):
         raise BadInputError(f"gpt device: must be 'cpu' or 'meta', got {device!r}")
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    placement = torch.device("meta") if device == "meta" else contextlib.nullcontext()  # an outer device context still applies
+    with torch.random.fork_rng(devices=[]), placement:
         torch.manual_seed(seed)
         model = GPT(config)
     generator = torch.Generator().manual_seed(seed)
