@@ -44,7 +44,7 @@ def estimate_command(spec, batch_size, mode, precision, checkpoint, optimizer, a
     result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
     written = write_report(result, Path(out), stem="estimate") if out is not None else {}
     if output_format == "json":
-        emit_json(estimate_json(result))
+        emit_json(result.to_dict())
     elif output_format == "markdown":
         click.echo(render_markdown(result))
     else:
@@ -53,18 +53,6 @@ def estimate_command(spec, batch_size, mode, precision, checkpoint, optimizer, a
         render_terminal(result, Console())
     if written:
         click.echo(f"report written to {written['html']}", err=True)
-
-
-def estimate_json(result) -> dict:
-    """The JSON contract of `memwise estimate --format json`."""
-    data = result.to_dict()
-    data["recipe"] = result.recipe.to_dict()
-    data["what_if"] = [{"change": row.change, "peak_bytes": row.peak_bytes, "fits": row.fits, "method": row.method} for row in result.what_if]
-    data["by_module"] = [
-        {"module": m.module, "param_bytes": m.param_bytes, "grad_bytes": m.grad_bytes, "activation_bytes": m.activation_bytes}
-        for m in result.by_module
-    ]
-    return data
 
 
 @click.command("devices")

@@ -46,7 +46,7 @@ def profile_command(spec, batch_size, mode, precision, checkpoint, optimizer, ar
         progress.close()
     written = write_report(result, out, stem="profile") if out is not None else {}
     if output_format == "json":
-        emit_json(profile_json(result))
+        emit_json(result.to_dict())
         return
     if output_format == "markdown":
         click.echo(render_markdown(result))
@@ -57,13 +57,3 @@ def profile_command(spec, batch_size, mode, precision, checkpoint, optimizer, ar
     if written:
         click.echo(f"report written to {written['html']}", err=True)
 
-
-def profile_json(result) -> dict:
-    """The JSON contract of `memwise profile --format json`."""
-    data = result.to_dict()
-    data["recipe"] = result.recipe.to_dict()
-    data["by_module"] = [
-        {"module": m.module, "param_bytes": m.param_bytes, "grad_bytes": m.grad_bytes, "activation_bytes": m.activation_bytes}
-        for m in result.by_module
-    ]
-    return data

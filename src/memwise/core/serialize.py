@@ -16,18 +16,25 @@ T = TypeVar("T")
 
 
 def to_dict(obj: Any) -> Any:
-    """Converts a dataclass (recursively) into JSON-ready dicts, lists and scalars."""
+    """Converts a dataclass (recursively) into JSON-ready dicts, lists and scalars.
+
+    The outermost object carries the schema `version`; nested objects do not repeat it.
+    """
+    out = _plain(obj)
+    if isinstance(out, dict) and dataclasses.is_dataclass(obj):
+        out = {"version": SCHEMA_VERSION, **out}
+    return out
+
+
+def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out: dict[str, Any] = {"version": SCHEMA_VERSION}
-        for field in dataclasses.fields(obj):
-            out[field.name] = to_dict(getattr(obj, field.name))
-        return out
+        return {field.name: _plain(getattr(obj, field.name)) for field in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, dict):
-        return {str(key): to_dict(value) for key, value in obj.items()}
+        return {str(key): _plain(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(value) for value in obj]
+        return [_plain(value) for value in obj]
     return obj
 
 

@@ -5,23 +5,19 @@ step, one on real tensors and one on fake ones. It reports phase boundaries to a
 can attribute memory to forward, backward and optimizer.
 """
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 
-from memwise.core.blocks import find_blocks
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import CheckpointMode, Mode, OptimizerName, Precision, Recipe
-from memwise.core.workload import Workload, call_model, loss_from_output, move_batch
+from memwise.core.recipe import Mode, OptimizerName, Precision, Recipe
+from memwise.core.strategy import apply_, forward_context, optimizer_builder
+from memwise.core.workload import Workload, call_model, loss_from_output, move_batch, split_batch
 
 PhaseCallback = Callable[[str], None]
 BatchCallback = Callable[[Any], None]
 
-_AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 _OPTIMIZERS: dict[OptimizerName, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
     OptimizerName.SGD: lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
     OptimizerName.ADAM: lambda params: torch.optim.Adam(params, lr=1e-3),
@@ -30,14 +26,16 @@ _OPTIMIZERS: dict[OptimizerName, Callable[[list[torch.nn.Parameter]], torch.opti
 
 
 def build_optimizer(
-    workload: Workload, recipe: Recipe, model: torch.nn.Module, *, foreach: bool | None = None
+    workload: Workload, recipe: Recipe, model: torch.nn.Module, *, foreach: bool | None = None,
+    params: list[torch.nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `model`'s trainable parameters (the workload's own when unset).
+    """The recipe's optimizer over `params` (default: `model`'s trainable ones), the workload's own when unset.
 
     `foreach` forces the multi-tensor implementation on or off for the built-in optimizers (None
     keeps torch's default: on for CUDA parameters, off for CPU ones).
     """
-    params = [param for param in model.parameters() if param.requires_grad]
+    if params is None:
+        params = [param for param in model.parameters() if param.requires_grad]
     if not params:
         raise BadInputError(f"workload {workload.name!r}: the model has no trainable parameters; use mode 'infer'")
     if recipe.optimizer is None and workload.optimizer_factory is not None:
@@ -49,45 +47,13 @@ def build_optimizer(
     return optimizer
 
 
-def autocast_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for `precision` on `device`'s type, or a null context for fp32."""
-    if precision == Precision.FP32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
-
-
-@contextlib.contextmanager
-def checkpointing(model: torch.nn.Module, mode: CheckpointMode) -> Iterator[None]:
-    """Within the context, every top-level block of `model` recomputes its activations in backward.
-
-    Uses non-reentrant `torch.utils.checkpoint` by shadowing each block's `forward` on the instance;
-    leaving the context restores the blocks exactly.
-    """
-    if mode == CheckpointMode.NONE:
-        yield
-        return
-    patched = []
-    for _, block in find_blocks(model):
-        original = block.forward
-        had_instance_forward = "forward" in block.__dict__
-
-        def checkpointed(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
-            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-        block.forward = functools.wraps(original)(checkpointed)
-        patched.append((block, original, had_instance_forward))
-    try:
-        yield
-    finally:
-        for block, original, had_instance_forward in patched:
-            if had_instance_forward:
-                block.forward = original
-            else:
-                del block.forward
-
-
 class StepRunner:
     """Runs steps of `workload` under `recipe` on `model` (the workload's model or a copy of it).
+
+    The recipe's strategies are applied to `model` when the runner is made (`close()` undoes
+    them). A training step makes one batch of `recipe.batch_size` samples, runs forward and
+    backward on each micro-batch (the loss divided by the number of micro-batches, so the
+    gradients are those of the whole batch), then the optimizer step and `zero_grad`.
 
     Args:
         workload: what to run.
@@ -121,49 +87,68 @@ class StepRunner:
         self.device = device
         self.on_phase = on_phase or (lambda phase: None)
         self.on_batch = on_batch or (lambda batch: None)
-        self.optimizer = build_optimizer(workload, recipe, model, foreach=optimizer_foreach) if self.mode == Mode.TRAIN else None
+        self.handle = apply_(model, recipe)
+        self.optimizer = None
+        if self.mode == Mode.TRAIN:
+            base = lambda params: build_optimizer(workload, recipe, model, foreach=optimizer_foreach, params=params)  # noqa: E731
+            trainable = [param for param in model.parameters() if param.requires_grad]
+            if not trainable:
+                raise BadInputError(f"workload {workload.name!r}: the model has no trainable parameters; use mode 'infer'")
+            self.optimizer = optimizer_builder(base, recipe, self.handle)(trainable)
         self.scaler = (
             torch.amp.GradScaler(device.type) if self.mode == Mode.TRAIN and recipe.precision == Precision.FP16 else None
         )
 
-    def make_batch(self) -> Any:
-        batch = move_batch(self.workload.make_batch(self.recipe.batch_size), self.device)
+    def close(self) -> None:
+        """Undoes the recipe's strategies on the model."""
+        self.handle.remove()
+
+    def make_batch(self, batch_size: int | None = None) -> Any:
+        batch = move_batch(self.workload.make_batch(batch_size or self.recipe.batch_size), self.device)
         self.on_batch(batch)
         return batch
 
-    def step(self) -> float | None:
-        """Runs one step; returns the loss as a float in train mode, None in infer mode."""
-        batch = self.make_batch()
+    def step(self, batch: Any = None) -> float | None:
+        """Runs one step (on `batch` when given); returns the loss as a float in train mode, else None."""
+        if batch is None:
+            batch = self.make_batch()
         if self.mode == Mode.INFER:
             self.model.eval()
             self.on_phase("forward")
-            with torch.inference_mode(), autocast_context(self.recipe.precision, self.device):
+            with torch.inference_mode(), forward_context(self.recipe, self.device, self.handle):
                 output = call_model(self.model, batch)
             del output, batch
             self.on_phase("idle")
             return None
         self.model.train()
-        self.on_phase("forward")
-        with checkpointing(self.model, self.recipe.checkpoint):
-            with autocast_context(self.recipe.precision, self.device):
-                loss = loss_from_output(call_model(self.model, batch), batch, self.workload.loss_fn)
-            del batch
+        micro_batches = split_batch(batch, self.recipe.micro_batch_size or self.recipe.batch_size)
+        del batch
+        passes = len(micro_batches)
+        loss_total = None
+        while micro_batches:
+            micro_batch = micro_batches.pop(0)
+            self.on_phase("forward")
+            with forward_context(self.recipe, self.device, self.handle):
+                loss = loss_from_output(call_model(self.model, micro_batch), micro_batch, self.workload.loss_fn)
+            del micro_batch
+            if passes > 1:
+                loss = loss / passes
             self.on_phase("backward")
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-        loss_value = loss.detach()
-        del loss
+            loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+            del loss
         self.on_phase("optimizer")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.recipe.zero_grad_set_to_none)
         self.on_phase("idle")
-        return float(loss_value) if not loss_value.is_meta and not _is_fake(loss_value) else None
+        return None if loss_total.is_meta or _is_fake(loss_total) else float(loss_total)
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

@@ -103,3 +103,32 @@ def move_batch(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_batch(value, device) for value in batch)
     return batch
+
+
+def batch_size_of(batch: Batch) -> int:
+    """The number of samples in a batch: the first dimension of its first tensor."""
+    tensors = batch_tensors(batch)
+    if not tensors or tensors[0].dim() == 0:
+        raise WorkloadError("batch: cannot find a tensor with a batch dimension to split into micro-batches")
+    return tensors[0].shape[0]
+
+
+def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
+    """Splits a batch along dim 0 into micro-batches of `micro_batch_size` samples (views, no copies).
+
+    Tensors whose first dimension is not the batch size (e.g. a shared mask) go to every micro-batch.
+    """
+    total = batch_size_of(batch)
+    if total <= micro_batch_size:
+        return [batch]
+
+    def part(value: Any, start: int) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[start:start + micro_batch_size] if value.dim() and value.shape[0] == total else value
+        if isinstance(value, Mapping):
+            return {key: part(item, start) for key, item in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(part(item, start) for item in value)
+        return value
+
+    return [part(batch, start) for start in range(0, total, micro_batch_size)]

@@ -9,13 +9,12 @@ import psutil
 from memwise.core.devices import DeviceSpec, custom_device, get_device
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import CheckpointMode, Mode, Precision, Recipe
-from memwise.core.serialize import from_dict, to_dict
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
 from memwise.estimate.fake_run import fake_step_log
 from memwise.estimate.op_probe import OpProbe
-from memwise.measure.memory_log import Breakdown, ModuleMemory, Timeline
+from memwise.measure.memory_log import Breakdown
 
 # Error bands, from the accuracy grid in docs/benchmarks.md. On CPU every op's scratch is probed,
 # so the estimate tracks the allocator to well under 1%; the band covers allocator-order effects
@@ -44,12 +43,13 @@ class Contributor:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Estimate:
+class Estimate(Breakdown):
     """Predicted memory of a step on a target device, made without allocating its tensors.
 
+    The `Breakdown` fields are predicted: `peak_bytes` is the peak of allocated bytes (on CUDA: as
+    `torch.cuda.max_memory_allocated` reports it, block sizes rounded by the caching allocator).
+
     Attributes:
-        peak_bytes: predicted peak of allocated bytes (on CUDA: as `torch.cuda.max_memory_allocated`
-            reports it, block sizes rounded by the caching allocator).
         low_bytes, high_bytes: the stated error range around `peak_bytes`.
         reserved_bytes: CUDA only: predicted peak the caching allocator reserves from the driver.
         context_bytes: CUDA only: the CUDA context and library handles, outside the allocator.
@@ -67,15 +67,8 @@ class Estimate:
     batch_size: int
     recipe: Recipe
     device: str
-    peak_bytes: int
     low_bytes: int
     high_bytes: int
-    baseline_bytes: int
-    by_category: dict[str, int]
-    by_module: tuple[ModuleMemory, ...]
-    phase_at_peak: str
-    step_at_peak: int
-    timeline: Timeline
     reserved_bytes: int | None
     context_bytes: int | None
     total_bytes: int
@@ -87,13 +80,6 @@ class Estimate:
     assumptions: tuple[str, ...]
     elapsed_s: float
     source: str = "estimated"
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Estimate":
-        return from_dict(cls, data, where="estimate")
 
 
 def resolve_device(device: str | DeviceSpec, device_memory_bytes: int | None = None) -> DeviceSpec:
@@ -175,15 +161,9 @@ def estimate(
         batch_size=recipe.batch_size,
         recipe=recipe,
         device=spec.name,
-        peak_bytes=breakdown.peak_bytes,
+        **breakdown.breakdown_fields(),
         low_bytes=int(breakdown.peak_bytes * (1 - low_band)),
         high_bytes=int(breakdown.peak_bytes * (1 + high_band)),
-        baseline_bytes=breakdown.baseline_bytes,
-        by_category=breakdown.by_category,
-        by_module=breakdown.by_module,
-        phase_at_peak=breakdown.phase_at_peak,
-        step_at_peak=breakdown.step_at_peak,
-        timeline=breakdown.timeline,
         reserved_bytes=reserved if spec.kind == "cuda" else None,
         context_bytes=context,
         total_bytes=total,

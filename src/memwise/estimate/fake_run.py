@@ -26,7 +26,7 @@ from memwise.core.workload import Workload
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
 from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
 from memwise.measure.observer import StepObserver
-from memwise.measure.tracker import ModuleMarks, module_names, parameter_owners
+from memwise.measure.tracker import ModuleMarks, module_names, persistent_tensors
 
 _ITEM = torch.ops.aten._local_scalar_dense.default
 
@@ -154,13 +154,12 @@ def fake_step_log(
     """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(workload.model, fake_mode)
+    with fake_mode:  # strategies (bf16 weights, master copies) change the fake model before logging starts
+        runner = StepRunner(workload, recipe, mode, model, torch.device("cpu"), optimizer_foreach=optimizer_foreach)
     log = MemoryLog(mode=mode.value, module_names=module_names(model))
     recorder = FakeAllocations(log, round_size=round_size, probe=probe)
-    owners = parameter_owners(model)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        recorder.track_preexisting(param, "param", owners.get(id(param), ROOT_MODULE))
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        recorder.track_preexisting(buffer, "buffer", name.rpartition(".")[0] or ROOT_MODULE)
+    for tensor, category, owner in persistent_tensors(model, runner.handle.state.get("optimizer_owned", [])):
+        recorder.track_preexisting(tensor, category, owner)
     observer = StepObserver(model, recorder.key_of)
 
     def on_phase(phase: str) -> None:
@@ -177,10 +176,9 @@ def fake_step_log(
     hooks = ModuleMarks(model, lambda name: marker("enter", name), lambda name: marker("exit", name))
     observer.marker = marker
     try:
+        runner.on_phase, runner.on_batch = on_phase, observer.on_batch
+        observer.optimizer = runner.optimizer
         with fake_mode, recorder:
-            runner = StepRunner(workload, recipe, mode, model, torch.device("cpu"), on_phase=on_phase, on_batch=observer.on_batch,
-                                optimizer_foreach=optimizer_foreach)
-            observer.optimizer = runner.optimizer
             for step in range(steps):
                 observer.step = step
                 log.phase("idle", step)

@@ -64,12 +64,16 @@ class Breakdown:
     step_at_peak: int
     timeline: Timeline
 
+    def breakdown_fields(self) -> dict[str, Any]:
+        """This breakdown's own fields, to build a result (Profile, Estimate) that extends it."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(Breakdown)}
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Breakdown":
-        return from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        return from_dict(cls, data, where=cls.__name__.lower())
 
 
 @dataclasses.dataclass

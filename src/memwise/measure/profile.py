@@ -10,29 +10,25 @@ import torch
 
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode, Recipe
-from memwise.core.serialize import from_dict, to_dict
 from memwise.core.step import StepRunner, resolve_recipe
 from memwise.core.workload import Workload
-from memwise.measure.memory_log import Breakdown, ModuleMemory, Timeline
+from memwise.measure.memory_log import Breakdown
 from memwise.measure.observer import StepObserver
-from memwise.measure.tracker import record_steps, storage_key
+from memwise.measure.tracker import persistent_tensors, record_steps, storage_key
 
 ProgressCallback = Callable[[int, int], None]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Profile:
+class Profile(Breakdown):
     """Memory of real steps, measured from allocator events.
 
+    The `Breakdown` fields (peak_bytes, baseline_bytes, by_category, by_module, phase_at_peak,
+    step_at_peak, timeline) are measured: `peak_bytes` is the most bytes live at once over the
+    steps (parameters and optimizer state included), from the allocator's events; `baseline_bytes`
+    is what was live before the first step (parameters and buffers).
+
     Attributes:
-        peak_bytes: the most bytes live at once over the measured steps (parameters and
-            optimizer state included), from the allocator's events.
-        baseline_bytes: bytes live before the first step (parameters and buffers).
-        by_category: bytes by category at the peak (see `memwise.measure.memory_log`).
-        by_module: parameter, gradient and activation bytes per module at the peak.
-        phase_at_peak: `forward`, `backward` or `optimizer`.
-        step_at_peak: which measured step (0-based) held the peak.
-        timeline: live bytes by category through the steps.
         step_ms: median wall time of a step while tracked (steps after the first when there are several).
         reference_peak_bytes: the peak of a plain `torch.profiler` pass without memwise hooks
             (`verify=True`), else None.
@@ -47,24 +43,10 @@ class Profile:
     device: str
     torch_version: str
     steps: int
-    peak_bytes: int
-    baseline_bytes: int
-    by_category: dict[str, int]
-    by_module: tuple[ModuleMemory, ...]
-    phase_at_peak: str
-    step_at_peak: int
-    timeline: Timeline
     step_ms: float
     reference_peak_bytes: int | None = None
     cuda_max_allocated_bytes: int | None = None
     source: str = "measured"
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Profile":
-        return from_dict(cls, data, where="profile")
 
 
 def profile(
@@ -107,6 +89,8 @@ def profile(
     device = _device(device)
     total_steps = steps * (2 if verify else 1)
     done = [0]
+    if progress is not None:
+        progress(0, total_steps)
 
     def tick() -> None:
         done[0] += 1
@@ -128,13 +112,7 @@ def profile(
         device=str(device),
         torch_version=torch.__version__,
         steps=steps,
-        peak_bytes=breakdown.peak_bytes,
-        baseline_bytes=breakdown.baseline_bytes,
-        by_category=breakdown.by_category,
-        by_module=breakdown.by_module,
-        phase_at_peak=breakdown.phase_at_peak,
-        step_at_peak=breakdown.step_at_peak,
-        timeline=breakdown.timeline,
+        **breakdown.breakdown_fields(),
         step_ms=statistics.median(timed),
         reference_peak_bytes=reference,
         cuda_max_allocated_bytes=cuda_peak,
@@ -161,7 +139,9 @@ def _measure(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
-    log, step_ms = record_steps(run_step, model, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
+    persistent = persistent_tensors(model, runner.handle.state.get("optimizer_owned", []))
+    log, step_ms = record_steps(run_step, model, persistent, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
+    runner.close()
     if device.type == "cuda":
         baseline = sum(p.untyped_storage().nbytes() for p in params)
         cuda_peak = torch.cuda.max_memory_allocated(device) - allocated_before + baseline

@@ -35,20 +35,28 @@ def module_names(model: torch.nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def preexisting_state(log: MemoryLog, model: torch.nn.Module) -> None:
-    """Adds the model's parameter and buffer storages to `log` as alive before the first step."""
-    seen: set[int] = set()
+def persistent_tensors(model: torch.nn.Module, optimizer_owned: list[torch.Tensor] = ()) -> list[tuple[torch.Tensor, str, str]]:
+    """(tensor, category, owning module) for what is alive before a step: parameters, buffers and
+    tensors an optimizer keeps outside its state (fp32 master weights, as optimizer_state)."""
+    found = []
     for category, named in (("param", model.named_parameters(remove_duplicate=False)),
                             ("buffer", model.named_buffers(remove_duplicate=False))):
         for name, tensor in named:
-            if tensor is None or tensor.device.type == "meta":
-                continue
-            key = storage_key(tensor)
-            if key in seen or key == 0:
-                continue
-            seen.add(key)
-            owner = name.rpartition(".")[0] or ROOT_MODULE
-            log.preexisting(key, tensor.untyped_storage().nbytes(), category, owner)
+            if tensor is not None and tensor.device.type != "meta":
+                found.append((tensor, category, name.rpartition(".")[0] or ROOT_MODULE))
+    found.extend((tensor, "optimizer_state", ROOT_MODULE) for tensor in optimizer_owned)
+    return found
+
+
+def preexisting_state(log: MemoryLog, tensors: list[tuple[torch.Tensor, str, str]]) -> None:
+    """Adds the storages of `tensors` (see `persistent_tensors`) to `log` as alive before the first step."""
+    seen: set[int] = set()
+    for tensor, category, owner in tensors:
+        key = storage_key(tensor)
+        if key in seen or key == 0:
+            continue
+        seen.add(key)
+        log.preexisting(key, tensor.untyped_storage().nbytes(), category, owner)
 
 
 def parameter_owners(model: torch.nn.Module) -> dict[int, str]:
@@ -155,6 +163,7 @@ def _activities(device: torch.device) -> list[ProfilerActivity]:
 def record_steps(
     run_step: Callable[[int, "_Marker | None"], None],
     model: torch.nn.Module,
+    persistent: list[tuple[torch.Tensor, str, str]],
     *,
     mode: str,
     steps: int,
@@ -163,13 +172,15 @@ def record_steps(
 ) -> tuple[MemoryLog, list[float]]:
     """Runs `run_step(step_index, marker)` `steps` times under the profiler; returns the log and step times.
 
+    `persistent` (see `persistent_tensors`) is entered in the log as alive before the first step.
+
     `run_step` reports phases and claims through `marker(method, *args)`, whose methods are those
     of `MemoryLog` (`phase`, `claim`, ...). With `with_marks=False` nothing of memwise runs inside
     the profiled region but the steps themselves (the plain reference pass), and the log holds
     allocator events only.
     """
     log = MemoryLog(mode=mode, module_names=module_names(model))
-    preexisting_state(log, model)
+    preexisting_state(log, persistent)
     marker = _Marker() if with_marks else None
     hooks = ModuleMarks(model, lambda name: marker("enter", name), lambda name: marker("exit", name)) if marker else None
     gc.collect()
