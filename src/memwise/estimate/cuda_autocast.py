@@ -192,8 +192,14 @@ def cuda_autocast(dtype: torch.dtype, *, cache_enabled: bool = True) -> Iterator
         - `torch.autocast("cuda", enabled=True)` inside the model is turned off by torch itself on
           a machine without CUDA, so such a region runs without autocast here.
         - A checkpointed block's recompute in backward enters `torch.autocast("cpu")` again; it
-          follows CUDA's rules only while `cuda_autocast_rules()` is still open then, and it does
-          not cache weight casts (the GPU caches them within the recompute).
+          follows CUDA's rules only while `cuda_autocast_rules()` is still open then, it does
+          not cache weight casts (the GPU caches them within the recompute), and a
+          `torch.autocast("cuda", enabled=False)` region inside the block is not honoured there.
+        - On real CPU tensors an op that CUDA runs in low precision may have no CPU kernel for
+          that dtype (`avg_pool3d` in bf16 raises NotImplementedError); fake tensors use meta
+          kernels and are not affected.
+        - As in torch, the weight cache is keyed by the parameter alone: a nested region with a
+          different dtype gets the outer region's cast and the op fails on mixed dtypes.
         - cuDNN RNNs cast their weights into one flat low-precision buffer; here each weight is
           cast on its own (same bytes) and the CPU RNN kernels run in the low-precision dtype.
         - fp16 `log_softmax`/`softmax` with `dtype=float32` use a fused kernel on CUDA; on CPU

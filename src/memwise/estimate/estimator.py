@@ -131,8 +131,8 @@ def estimate(
         CPU: scratch memory of each op's kernel is learned by running that op once for real on
         random inputs of the same shapes (ops with more than 64 MiB of inputs and outputs are not
         probed). CUDA: allocations are replayed through a model of the caching allocator;
-        kernel workspaces other than the outputs are not modelled; autocast follows the CPU op
-        lists; built-in optimizers use the multi-tensor (foreach) path, as on CUDA by default.
+        kernel workspaces other than the outputs are not modelled; autocast follows the op
+        lists of CUDA; built-in optimizers use the multi-tensor (foreach) path, as on CUDA by default.
 
     Known limitations:
         Ops with data-dependent shapes, `.item()` in forward/backward and custom C++ ops without
@@ -182,7 +182,7 @@ def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe
     log = fake_step_log(
         workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
         round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
-        optimizer_foreach=True if cuda else None,
+        optimizer_foreach=True if cuda else None, cuda_autocast=cuda,
     )
     breakdown = log.summarize()
     if not cuda:
@@ -201,8 +201,8 @@ def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> lis
     else:
         notes.append(f"CUDA caching allocator modelled (512-byte rounding, 2 MiB small / 20 MiB large segments); context {spec.context_bytes} bytes")
         notes.append("CUDA kernel workspaces (cuBLAS, cuDNN, attention) beyond their outputs are not modelled")
-        if recipe.precision != Precision.FP32:
-            notes.append("autocast casts follow PyTorch's CPU autocast op lists, which differ slightly from CUDA's")
+        if recipe.precision in (Precision.BF16, Precision.FP16):
+            notes.append("autocast follows CUDA's op lists (PyTorch's autocast_mode.h), replayed on CPU fake tensors")
         notes.append("built-in optimizers use the multi-tensor (foreach) implementation, PyTorch's default on CUDA")
     return notes
 

@@ -6,6 +6,7 @@ tied weights stay tied). A dispatch mode sees every op: a new output storage is 
 death of its storage object a free. Scratch memory of opaque CPU kernels is added from `OpProbe`.
 """
 
+import contextlib
 import copy
 import itertools
 import weakref
@@ -23,6 +24,7 @@ from memwise.core.errors import SymbolicExecutionError
 from memwise.core.recipe import Mode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
+from memwise.estimate.cuda_autocast import cuda_autocast_rules
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
 from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
 from memwise.measure.observer import StepObserver
@@ -150,8 +152,13 @@ def fake_step_log(
     round_size: Callable[[int], int],
     probe: OpProbe | None,
     optimizer_foreach: bool | None = None,
+    cuda_autocast: bool = False,
 ) -> MemoryLog:
-    """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write."""
+    """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write.
+
+    With `cuda_autocast`, autocast regions follow CUDA's op lists instead of the CPU's (the whole
+    step is inside the rules, so checkpointed blocks recompute under them too).
+    """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(workload.model, fake_mode)
     with fake_mode:  # strategies (bf16 weights, master copies) change the fake model before logging starts
@@ -178,7 +185,8 @@ def fake_step_log(
     try:
         runner.on_phase, runner.on_batch = on_phase, observer.on_batch
         observer.optimizer = runner.optimizer
-        with fake_mode, recorder:
+        rules = cuda_autocast_rules() if cuda_autocast else contextlib.nullcontext()
+        with rules, fake_mode, recorder:
             for step in range(steps):
                 observer.step = step
                 log.phase("idle", step)

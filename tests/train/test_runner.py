@@ -1,0 +1,122 @@
+"""memwise.train: OOM recovery keeps the effective batch and the result; resume equals no crash."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import memwise
+from memwise.cli.main import main
+from memwise.train.runner import InfeasibleBudgetError, TrainingStoppedError, smaller_micro_batch
+
+STEPS = 4
+
+
+def _workload():
+    return memwise.load_workload("gpt", {"preset": "tiny", "seq_len": 32})
+
+
+def _params(workload):
+    return {name: value.detach().clone() for name, value in workload.model.state_dict().items()}
+
+
+def _budget_between_micro_batches(small: int, large: int) -> int:
+    """A budget that the large micro-batch exceeds and the small one fits, from tracked runs."""
+    peaks = {}
+    for micro in (small, large):
+        result = memwise.train(_workload(), memwise.Recipe(batch_size=16, micro_batch_size=micro, optimizer="sgd"), 2)
+        peaks[micro] = result.peak_bytes
+    assert peaks[large] > peaks[small]
+    return (peaks[large] + peaks[small]) // 2
+
+
+def test_oom_recovery_keeps_effective_batch_and_matches_smaller_start():
+    budget = _budget_between_micro_batches(4, 16)
+    recipe = memwise.Recipe(batch_size=16, micro_batch_size=16, optimizer="sgd")
+    recovered_workload = _workload()
+    recovered = memwise.train(recovered_workload, recipe, STEPS, budget_bytes=budget)
+    assert recovered.oom_events, "the large micro-batch should have run out of the budget"
+    assert recovered.oom_events[0].step == 0
+    assert recovered.oom_events[0].micro_batch_size_before == 16
+    final = recovered.final_recipe
+    assert final.batch_size == 16 and final.micro_batch_size * final.grad_accumulation_steps == 16
+    assert recovered.steps_done == STEPS and recovered.peak_bytes <= budget
+
+    reference_workload = _workload()
+    reference = memwise.train(reference_workload, recipe.replace(micro_batch_size=final.micro_batch_size), STEPS)
+    assert recovered.loss_history == pytest.approx(reference.loss_history, rel=1e-6)
+    expected = _params(reference_workload)
+    for name, value in _params(recovered_workload).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    recipe = memwise.Recipe(batch_size=8, optimizer="adamw")
+    whole_workload = _workload()
+    whole = memwise.train(whole_workload, recipe, 6)
+
+    def crash_after_step_3(record):
+        if record["event"] == "step" and record["step"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        memwise.train(_workload(), recipe, 6, checkpoint_dir=tmp_path, checkpoint_every=2, log=crash_after_step_3)
+    resumed_workload = _workload()
+    resumed = memwise.train(resumed_workload, recipe, 6, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    assert resumed.steps_done == 6
+    assert resumed.loss_history == pytest.approx(whole.loss_history, rel=1e-6)
+    expected = _params(whole_workload)
+    for name, value in _params(resumed_workload).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_budget_below_parameters_is_infeasible_with_minimum():
+    workload = _workload()
+    param_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    with pytest.raises(InfeasibleBudgetError) as error:
+        memwise.train(workload, memwise.Recipe(batch_size=4), 2, budget_bytes=param_bytes // 2)
+    assert error.value.minimum_bytes >= 2 * param_bytes
+
+
+def test_micro_batch_of_one_that_does_not_fit_stops_and_keeps_checkpoint(tmp_path):
+    workload = _workload()
+    param_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    first = memwise.train(workload, memwise.Recipe(batch_size=2, optimizer="sgd"), 2, checkpoint_dir=tmp_path, checkpoint_every=1)
+    saved = (tmp_path / "memwise-train.pt").read_bytes()
+    with pytest.raises(TrainingStoppedError, match="micro-batch of 1"):
+        memwise.train(workload, memwise.Recipe(batch_size=2, optimizer="sgd"), 3, budget_bytes=2 * param_bytes + 1024,
+                      checkpoint_dir=tmp_path, resume=True)
+    assert first.steps_done == 2
+    assert (tmp_path / "memwise-train.pt").read_bytes() == saved
+
+
+def test_smaller_micro_batch_divides():
+    assert smaller_micro_batch(16) == 8
+    assert smaller_micro_batch(9) == 3
+    assert smaller_micro_batch(7) == 1
+    assert smaller_micro_batch(1) is None
+
+
+def test_cli_train_json_and_bad_recipe_file(tmp_path):
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps({"batch_size": 8, "optimizer": "sgd"}))
+    result = CliRunner().invoke(main, ["train", "gpt", "--arg", "preset=tiny", "--arg", "seq_len=16", "--steps", "2",
+                                       "--recipe", str(recipe_file), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"steps_done", "oom_events", "final_recipe", "peak_bytes", "loss_history"} <= set(data)
+    assert data["steps_done"] == 2 and len(data["loss_history"]) == 2
+
+    recipe_file.write_text(json.dumps({"batch_size": 8, "learning_rate": 3}))
+    result = CliRunner().invoke(main, ["train", "gpt", "--steps", "1", "--recipe", str(recipe_file)])
+    assert result.exit_code == 2 and "learning_rate" in result.output
+    recipe_file.write_text(json.dumps({"precision": "fp8"}))
+    result = CliRunner().invoke(main, ["train", "gpt", "--steps", "1", "--recipe", str(recipe_file)])
+    assert result.exit_code == 2 and "fp8" in result.output
+
+
+def test_cli_train_infeasible_budget_exits_3():
+    result = CliRunner().invoke(main, ["train", "gpt", "--arg", "preset=tiny", "--steps", "1", "--budget", "1KiB"])
+    assert result.exit_code == 3
+    assert "minimum" in result.output
