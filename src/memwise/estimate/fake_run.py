@@ -31,6 +31,8 @@ from memwise.measure.observer import StepObserver
 from memwise.measure.tracker import ModuleMarks, module_names, persistent_tensors
 
 _ITEM = torch.ops.aten._local_scalar_dense.default
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_ADD = torch.ops.aten.add.Tensor
 
 
 class FakeAllocations(TorchDispatchMode):
@@ -51,6 +53,31 @@ class FakeAllocations(TorchDispatchMode):
         self.counter = itertools.count(1)
         self.phase = "idle"
         self.module_stack: list[str] = []
+        self._pending_accumulation: tuple[int, weakref.ref, int] | None = None
+
+    def settle_accumulation(self) -> None:
+        """Turns the last backward `add` into the in-place add the real run makes, if it was one.
+
+        Autograd sums two gradients for one tensor in place when nothing else holds the first
+        (`InputBuffer`, `AccumulateGrad`); under a Python dispatch mode its reference counts are
+        higher, so it adds out of place and drops the first right after. When that first
+        gradient died before the next op, the sum takes over its allocation: the sum's own
+        allocation and the first one's free are dropped from the log, as the real run makes none.
+        """
+        pending, self._pending_accumulation = self._pending_accumulation, None
+        if pending is None:
+            return
+        alloc_index, first_ref, first_key, sum_ref = pending
+        total = sum_ref()
+        if first_ref() is not None or total is None:
+            return
+        events = self.log.events
+        free_index = next((i for i in range(len(events) - 1, alloc_index, -1) if events[i] == ("free", first_key)), None)
+        if free_index is None:
+            return
+        self.log.remove_event(free_index)
+        self.log.remove_event(alloc_index)
+        self._register(total, preexisting=None, key=first_key)
 
     def key_of(self, tensor: torch.Tensor) -> int:
         """The log key of `tensor`'s storage (registering it as allocated-before-logging if unseen)."""
@@ -67,8 +94,12 @@ class FakeAllocations(TorchDispatchMode):
             return
         self._register(storage, preexisting=(category, module))
 
-    def _register(self, storage: torch.UntypedStorage, preexisting: tuple[str, str] | None, nbytes: int | None = None) -> int:
-        key = next(self.counter)
+    def _register(
+        self, storage: torch.UntypedStorage, preexisting: tuple[str, str] | None, nbytes: int | None = None, key: int | None = None,
+    ) -> int:
+        """Starts tracking `storage`: logs its allocation, or with `key` takes over that live allocation."""
+        adopted = key is not None
+        key = next(self.counter) if key is None else key
         storage_id = id(storage)
         log, keys = self.log, self.keys
 
@@ -78,6 +109,8 @@ class FakeAllocations(TorchDispatchMode):
             log.free(key)
 
         keys[storage_id] = (key, weakref.ref(storage, on_free))
+        if adopted:
+            return key
         nbytes = storage.nbytes() if nbytes is None else nbytes
         nbytes = self.round_size(nbytes) if nbytes else 0
         if preexisting is not None:
@@ -92,12 +125,21 @@ class FakeAllocations(TorchDispatchMode):
             if self.phase in ("optimizer", "idle"):
                 return 1.0 if args[0].dtype.is_floating_point else 1  # optimizer bookkeeping: value irrelevant
             raise self._error(func, "reads a tensor's value (.item() / int() / bool() on a tensor)")
+        if getattr(func, "namespace", None) == "aten" and func.has_kernel_for_dispatch_key(_COMPOSITE):
+            # Outside autograd (inference mode) composite ops such as linear or cross_entropy reach
+            # this mode whole; run their decomposition, as the real dispatcher does, so the
+            # intermediates they allocate are seen one by one.
+            with self:
+                output = func.decompose(*args, **kwargs)
+            if output is not NotImplemented:
+                return output
         try:
             output = func(*args, **kwargs)
         except (DynamicOutputShapeException, DataDependentOutputException) as error:
             raise self._error(func, f"has an output shape that depends on tensor values ({type(error).__name__})") from None
         except UnsupportedOperatorException as error:
             raise self._error(func, f"has no fake-tensor implementation ({error})") from None
+        self.settle_accumulation()
         leaves = tree_flatten(output)[0]
         new_storages = []
         for position, value in enumerate(leaves):
@@ -111,6 +153,11 @@ class FakeAllocations(TorchDispatchMode):
         for position, storage in new_storages:
             # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
             self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
+        if func is _ADD and self.phase == "backward" and new_storages and _same_layout(args[0], leaves[0]):
+            self._pending_accumulation = (
+                len(self.log.events) - 1, weakref.ref(args[0].untyped_storage()), self.key_of(args[0]),
+                weakref.ref(leaves[0].untyped_storage()),
+            )
         if probed.scratch_bytes:
             key = next(self.counter)
             self.log.alloc(key, self.round_size(probed.scratch_bytes))
@@ -123,6 +170,11 @@ class FakeAllocations(TorchDispatchMode):
             f"cannot estimate symbolically: op {func} in module {module!r} ({self.phase}) {what}; "
             "measure this workload with `memwise profile` instead"
         )
+
+
+def _same_layout(first: Any, second: Any) -> bool:
+    return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.shape == second.shape
+            and first.dtype == second.dtype and first.untyped_storage().nbytes() == second.untyped_storage().nbytes())
 
 
 def fake_model(model: torch.nn.Module, fake_mode: FakeTensorMode) -> torch.nn.Module:
@@ -170,6 +222,7 @@ def fake_step_log(
     observer = StepObserver(model, recorder.key_of)
 
     def on_phase(phase: str) -> None:
+        recorder.settle_accumulation()
         recorder.phase = phase
         observer.on_phase(phase)
 

@@ -77,6 +77,8 @@ class OpProbe:
 
 
 def _is_trivial(func: torch._ops.OpOverload) -> bool:
+    if getattr(func, "namespace", None) != "aten":
+        return True
     if any(tag in func.tags for tag in _SKIP_TAGS) or torch.Tag.pointwise in func.tags:
         return True
     schema = func._schema
@@ -84,7 +86,7 @@ def _is_trivial(func: torch._ops.OpOverload) -> bool:
         return True  # random bytes in a kernel's own workspace can crash it: never probe those
     if any(ret.alias_info is not None for ret in schema.returns):  # views and in-place ops
         return True
-    return func.name().startswith(("aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::rand", "aten::detach", "aten::_to_copy", "aten::copy", "aten::clone", "aten::lift_fresh", "aten::scalar_tensor", "aten::_local_scalar_dense"))
+    return func.name().startswith(("aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::rand", "aten::detach", "aten::_to_copy", "aten::copy", "aten::clone", "aten::lift_fresh", "aten::scalar_tensor", "aten::_local_scalar_dense", "aten::_unsafe_view"))
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

@@ -106,6 +106,11 @@ class MemoryLog:
         self.events.append(event)
         self.times_ns.append(time_ns)
 
+    def remove_event(self, index: int) -> None:
+        """Drops one event (an estimator correcting what it saw, e.g. an add that was really in place)."""
+        del self.events[index]
+        del self.times_ns[index]
+
     def preexisting(self, key: Any, nbytes: int, category: str, module: str | None = None) -> None:
         """An allocation alive before the first step (parameters, buffers)."""
         self._add(("alloc", key, int(nbytes), category, module), None)

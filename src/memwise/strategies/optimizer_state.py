@@ -35,10 +35,16 @@ def dequantize_signed(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tens
 
 
 def quantize_sqrt(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of sqrt(values) (values >= 0) and per-block fp32 scales."""
+    """uint8 codes of sqrt(values) (values >= 0) and per-block fp32 scales.
+
+    Rounds to the nearest code, except that a positive value never gets code 0: a second moment
+    read back as 0 next to a nonzero first moment makes Adam's update `lr * m / eps`, a jump of
+    hundreds of `lr` that blows the weights up.
+    """
     blocks = _blocks(values).sqrt()
     scale = blocks.amax(dim=1).clamp_min(1e-30)
-    codes = torch.round(blocks / scale[:, None] * 255).to(torch.uint8)
+    scaled = blocks / scale[:, None] * 255
+    codes = torch.where(scaled > 0, scaled.round().clamp_min(1), 0).to(torch.uint8)
     return codes, scale
 
 
@@ -125,7 +131,9 @@ class OptimizerStateStrategy(Strategy):
     """Replaces the built-in Adam/AdamW by `LowPrecisionAdam` when `optimizer_state` is bf16 or 8bit."""
 
     field = "optimizer_state"
-    order = 60
+    # Before precision (10) and offload (80): it replaces the base optimizer, which their
+    # master-weight wrappers must then wrap; applied after them it would discard their masters.
+    order = 5
 
     def wrap_optimizer(self, build: OptimizerBuilder, recipe: Recipe, handle: Handle) -> OptimizerBuilder:
         if recipe.optimizer_state == OptimizerStateDtype.FP32:
