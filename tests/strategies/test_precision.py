@@ -46,7 +46,8 @@ def gpt():
 # Tolerances, stated: autocast keeps weights, loss and optimizer in fp32 and rounds matmul inputs to
 # 8 (bf16) or 11 (fp16) mantissa bits, measured ~4e-5 and ~7e-6 relative on the loss; bf16 weights
 # also compute the loss in bf16, whose spacing near 6.0 is 0.031 (0.5%): measured 1.0e-2.
-@pytest.mark.parametrize("precision,loss_rtol", [("bf16", 2e-3), ("fp16", 2e-3), ("bf16-weights", 2.5e-2)])
+@pytest.mark.parametrize("precision,loss_rtol", [("bf16", 2e-3), ("fp16", 2e-3), ("bf16-weights", 2.5e-2)],
+                         ids=["bf16", "fp16", "bf16-weights"])
 def test_precision_is_same_as_without(gpt, precision, loss_rtol):
     workload, batches, losses, model = gpt
     low_losses, low_model, _ = train(workload, memwise.Recipe(batch_size=8, precision=precision), batches)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from memwise.core.errors import BadInputError, MemwiseError
-from memwise.core.recipe import CheckpointMode, Mode, OptimizerName, Precision, Recipe
+from memwise.core.recipe import CheckpointMode, Mode, OffloadMode, OptimizerName, OptimizerStateDtype, Precision, Recipe, SdpaBackend
 from memwise.workloads import load_workload, parse_args
 
 EXIT_ERROR = 1
@@ -28,6 +28,11 @@ def _choices(enum_type: Any) -> click.Choice:
 def recipe_options(function: Callable) -> Callable:
     """The options that describe a step: workload args, batch size, mode, precision, checkpoint, optimizer."""
     options = [
+        click.option("--sdpa-backend", type=_choices(SdpaBackend), default=SdpaBackend.AUTO.value, show_default=True, help="Attention kernel to force."),
+        click.option("--allocator", default="", metavar="CONF", help="CUDA allocator settings, e.g. expandable_segments:True (ignored on CPU)."),
+        click.option("--offload", type=_choices(OffloadMode), default=OffloadMode.NONE.value, show_default=True, help="Keep optimizer state and/or saved activations in host memory."),
+        click.option("--optimizer-state", type=_choices(OptimizerStateDtype), default=OptimizerStateDtype.FP32.value, show_default=True, help="Precision of Adam/AdamW moments."),
+        click.option("--micro-batch-size", type=int, default=None, help="Samples per forward/backward; gradients accumulate to --batch-size."),
         click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the workload function (repeatable)."),
         click.option("--optimizer", type=_choices(OptimizerName), default=None, help="Optimizer (default: the workload's own, else adamw)."),
         click.option("--checkpoint", type=_choices(CheckpointMode), default=CheckpointMode.NONE.value, show_default=True, help="Activation checkpointing of top-level blocks."),
@@ -47,8 +52,13 @@ def format_option(function: Callable) -> Callable:
     )(function)
 
 
-def build_recipe(batch_size: int | None, precision: str, checkpoint: str, optimizer: str | None) -> Recipe:
-    return Recipe(batch_size=batch_size, precision=precision, checkpoint=checkpoint, optimizer=optimizer)
+def build_recipe(options: dict[str, Any]) -> Recipe:
+    """The Recipe named by the recipe options (the rest of `options` is ignored)."""
+    for name in ("batch_size", "micro_batch_size"):
+        if options.get(name) is not None and options[name] <= 0:
+            raise BadInputError(f"--{name.replace('_', '-')}: must be a positive integer, got {options[name]}")
+    fields = ("batch_size", "micro_batch_size", "precision", "checkpoint", "optimizer", "optimizer_state", "offload", "allocator", "sdpa_backend")
+    return Recipe(**{name: options[name] for name in fields if name in options})
 
 
 def load_spec(spec: str, args: tuple[str, ...]):

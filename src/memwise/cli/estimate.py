@@ -16,7 +16,7 @@ from memwise.cli.common import (
 @format_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write estimate.json, timeline.png and report.html here.")
 @handle_errors
-def estimate_command(spec, batch_size, mode, precision, checkpoint, optimizer, args, device, device_memory, budget, output_format, out):
+def estimate_command(spec, mode, args, device, device_memory, budget, output_format, out, **recipe_options):
     """Predict the peak memory of a step of SPEC on a device, without running it there.
 
     The step runs on fake tensors on this CPU: no weights are allocated. With --budget or a GPU
@@ -29,18 +29,15 @@ def estimate_command(spec, batch_size, mode, precision, checkpoint, optimizer, a
     """
     from pathlib import Path
 
-    from memwise.core.errors import BadInputError
     from memwise.core.units import parse_size
     from memwise.estimate.estimator import estimate
     from memwise.report.output import write_report
     from memwise.report.tables import render_markdown, render_terminal
 
-    if batch_size is not None and batch_size <= 0:
-        raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
     device_memory_bytes = parse_size(device_memory, name="--device-memory") if device_memory is not None else None
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
     workload = load_spec(spec, args)
-    recipe = build_recipe(batch_size, precision, checkpoint, optimizer)
+    recipe = build_recipe(recipe_options)
     result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
     written = write_report(result, Path(out), stem="estimate") if out is not None else {}
     if output_format == "json":

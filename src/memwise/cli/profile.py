@@ -18,7 +18,7 @@ from memwise.cli.common import (
 @format_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write profile.json, timeline.png and report.html here.")
 @handle_errors
-def profile_command(spec, batch_size, mode, precision, checkpoint, optimizer, args, steps, verify, device, output_format, out):
+def profile_command(spec, mode, args, steps, verify, device, output_format, out, **recipe_options):
     """Measure the memory of real steps of SPEC: a built-in name, file.py:function or module:function.
 
     Totals come from the allocator's events; categories (param, grad, optimizer_state, activation,
@@ -33,12 +33,10 @@ def profile_command(spec, batch_size, mode, precision, checkpoint, optimizer, ar
     from memwise.report.output import write_report
     from memwise.report.tables import render_markdown, render_terminal
 
-    if batch_size is not None and batch_size <= 0:
-        raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
     if steps <= 0:
         raise BadInputError(f"--steps: must be a positive integer, got {steps}")
     workload = load_spec(spec, args)
-    recipe = build_recipe(batch_size, precision, checkpoint, optimizer)
+    recipe = build_recipe(recipe_options)
     progress = StepProgress(f"profiling {workload.name}")
     try:
         result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)

@@ -34,7 +34,6 @@ def train_command(spec, steps, recipe_file, batch_size, micro_batch_size, budget
       memwise train gpt --arg preset=tiny --steps 40 --batch-size 16 --checkpoint-dir ckpt --resume
     """
     from memwise.core.errors import BadInputError
-    from memwise.core.recipe import Recipe
     from memwise.core.units import format_bytes, parse_size
     from memwise.train.runner import InfeasibleBudgetError, train
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import time
-from typing import Any
 
 import psutil
 
@@ -14,7 +13,8 @@ from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
 from memwise.estimate.fake_run import fake_step_log
 from memwise.estimate.op_probe import OpProbe
-from memwise.measure.memory_log import Breakdown
+from memwise.measure.memory_log import HOST, Breakdown
+from memwise.strategies.allocator import parse_allocator_settings
 
 # Error bands, from the accuracy grid in docs/benchmarks.md. On CPU every op's scratch is probed,
 # so the estimate tracks the allocator to well under 1%; the band covers allocator-order effects
@@ -182,13 +182,24 @@ def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe
     log = fake_step_log(
         workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
         round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
-        optimizer_foreach=True if cuda else None, cuda_autocast=cuda,
+        optimizer_foreach=True if cuda else None, cuda_autocast=cuda, offload_to_host=cuda,
     )
     breakdown = log.summarize()
     if not cuda:
         return breakdown, breakdown.peak_bytes
-    allocator_events = [event[:3] if event[0] == "alloc" else event[:2] for event in log.events if event[0] in ("alloc", "free")]
-    return breakdown, replay_caching_allocator(allocator_events).peak_reserved_bytes
+    allocator_events = [
+        event[:3] if event[0] == "alloc" else event[:2]
+        for event in log.events
+        if event[0] == "free" or (event[0] == "alloc" and event[3] != HOST)
+    ]
+    settings = parse_allocator_settings(recipe.allocator)
+    max_split = settings.get("max_split_size_mb")
+    replay = replay_caching_allocator(
+        allocator_events,
+        expandable_segments=settings.get("expandable_segments") == "True",
+        max_split_size_bytes=int(float(max_split) * 2**20) if max_split else None,
+    )
+    return breakdown, replay.peak_reserved_bytes
 
 
 def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> list[str]:

@@ -21,12 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memwise.core.errors import SymbolicExecutionError
-from memwise.core.recipe import Mode, Recipe
+from memwise.core.recipe import Mode, OffloadMode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_autocast import cuda_autocast_rules
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
-from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
+from memwise.measure.memory_log import HOST, ROOT_MODULE, MemoryLog
 from memwise.measure.observer import StepObserver
 from memwise.measure.tracker import ModuleMarks, module_names, persistent_tensors
 
@@ -53,7 +53,9 @@ class FakeAllocations(TorchDispatchMode):
         self.counter = itertools.count(1)
         self.phase = "idle"
         self.module_stack: list[str] = []
-        self._pending_accumulation: tuple[int, weakref.ref, int] | None = None
+        self._pending_accumulation: tuple[int, weakref.ref, int, weakref.ref] | None = None
+        self.offload_optimizer = False
+        self.host_scope = False
 
     def settle_accumulation(self) -> None:
         """Turns the last backward `add` into the in-place add the real run makes, if it was one.
@@ -116,7 +118,8 @@ class FakeAllocations(TorchDispatchMode):
         if preexisting is not None:
             log.preexisting(key, nbytes, *preexisting)
         else:
-            log.alloc(key, nbytes)
+            on_host = self.host_scope or (self.offload_optimizer and self.phase == "optimizer")
+            log.alloc(key, nbytes, category=HOST if on_host else None)
         return key
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -172,6 +175,20 @@ class FakeAllocations(TorchDispatchMode):
         )
 
 
+def _saved_tensors_on_host(recorder: FakeAllocations) -> contextlib.AbstractContextManager:
+    """Plays `torch.autograd.graph.save_on_cpu`: each saved tensor is copied to the host in forward
+    and back to the device when backward needs it."""
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        recorder.host_scope = True
+        try:
+            return tensor.detach().clone()
+        finally:
+            recorder.host_scope = False
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.clone())
+
+
 def _same_layout(first: Any, second: Any) -> bool:
     return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.shape == second.shape
             and first.dtype == second.dtype and first.untyped_storage().nbytes() == second.untyped_storage().nbytes())
@@ -205,11 +222,14 @@ def fake_step_log(
     probe: OpProbe | None,
     optimizer_foreach: bool | None = None,
     cuda_autocast: bool = False,
+    offload_to_host: bool = False,
 ) -> MemoryLog:
     """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write.
 
     With `cuda_autocast`, autocast regions follow CUDA's op lists instead of the CPU's (the whole
-    step is inside the rules, so checkpointed blocks recompute under them too).
+    step is inside the rules, so checkpointed blocks recompute under them too). With
+    `offload_to_host` (a GPU target), the recipe's `offload` is played as on a GPU: the optimizer
+    step's allocations, or the copies of tensors saved for backward, are logged as host memory.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = fake_model(workload.model, fake_mode)
@@ -239,7 +259,10 @@ def fake_step_log(
         runner.on_phase, runner.on_batch = on_phase, observer.on_batch
         observer.optimizer = runner.optimizer
         rules = cuda_autocast_rules() if cuda_autocast else contextlib.nullcontext()
-        with rules, fake_mode, recorder:
+        offload = recipe.offload if offload_to_host else OffloadMode.NONE
+        recorder.offload_optimizer = offload in (OffloadMode.OPTIMIZER, OffloadMode.ALL)
+        saved_to_host = _saved_tensors_on_host(recorder) if offload in (OffloadMode.ACTIVATIONS, OffloadMode.ALL) else contextlib.nullcontext()
+        with rules, fake_mode, recorder, saved_to_host:
             for step in range(steps):
                 observer.step = step
                 log.phase("idle", step)

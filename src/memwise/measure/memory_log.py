@@ -22,6 +22,7 @@ from typing import Any
 from memwise.core.serialize import from_dict, to_dict
 
 CATEGORIES = ("param", "buffer", "grad", "optimizer_state", "activation", "temporary", "input")
+HOST = "host"  # offloaded to host memory: logged, but not part of the device's totals
 PHASES = ("forward", "backward", "optimizer", "idle")
 ROOT_MODULE = "(root)"
 _MAX_TIMELINE_SAMPLES = 1200
@@ -115,8 +116,9 @@ class MemoryLog:
         """An allocation alive before the first step (parameters, buffers)."""
         self._add(("alloc", key, int(nbytes), category, module), None)
 
-    def alloc(self, key: Any, nbytes: int, time_ns: int | None = None) -> None:
-        self._add(("alloc", key, int(nbytes), None, None), time_ns)
+    def alloc(self, key: Any, nbytes: int, time_ns: int | None = None, *, category: str | None = None) -> None:
+        """An allocation; `category` fixes its category up front (e.g. HOST for offloaded memory)."""
+        self._add(("alloc", key, int(nbytes), category, None), time_ns)
 
     def free(self, key: Any, time_ns: int | None = None) -> None:
         self._add(("free", key), time_ns)
@@ -215,6 +217,8 @@ class MemoryLog:
             kind = event[0]
             if kind == "alloc":
                 record = by_event[index]
+                if record.category == HOST:
+                    continue
                 previous = live.get(event[1])
                 if previous is not None:  # a key reused without a seen free: the old block is gone
                     totals[previous.category] -= previous.nbytes

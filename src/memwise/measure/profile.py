@@ -124,7 +124,6 @@ def _measure(
     with_marks: bool, tick: Callable[[], None],
 ) -> tuple[Any, list[float], int | None]:
     model = copy.deepcopy(workload.model).to(device)
-    params = list(model.parameters())
     observer = StepObserver(model, storage_key)
     runner = StepRunner(workload, recipe, mode, model, device, on_phase=observer.on_phase, on_batch=observer.on_batch)
     observer.optimizer = runner.optimizer
@@ -143,9 +142,8 @@ def _measure(
     log, step_ms = record_steps(run_step, model, persistent, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
     runner.close()
     if device.type == "cuda":
-        baseline = sum(p.untyped_storage().nbytes() for p in params)
+        baseline = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t, _, _ in persistent}.values())
         cuda_peak = torch.cuda.max_memory_allocated(device) - allocated_before + baseline
-    del runner, model, observer
     return log, step_ms, cuda_peak
 
 
