@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import memwise
+from memwise.core.errors import BadInputError
 
 
 class Block(torch.nn.Module):
@@ -71,7 +72,8 @@ recipes = st.builds(
     precision=st.sampled_from(["fp32", "bf16", "bf16-weights"]),
     checkpoint=st.sampled_from(["none", "full", "selective", "every_n"]),
     checkpoint_every_n=st.integers(1, 3),
-    checkpoint_modules=st.sampled_from([(), ("Block",), ("blocks.1", "blocks.3"), ("Block", "linear")]),
+    # qualified names of one model are unknown to the other: apply_ then fails, and must undo itself
+    checkpoint_modules=st.sampled_from([(), ("Block",), ("blocks.1", "blocks.3"), ("transformer.h.1",), ("Block", "linear")]),
     offload=st.sampled_from(["none", "optimizer", "all"]),
     allocator=st.sampled_from(["", "expandable_segments:True"]),
     sdpa_backend=st.sampled_from(["auto", "math"]),
@@ -90,7 +92,12 @@ def models():
 def test_apply_then_remove_restores_the_model(models, recipe, which, twice):
     model = models[which]
     before = snapshot(model)
-    handle = memwise.apply_(model, recipe)
+    try:
+        handle = memwise.apply_(model, recipe)
+    except BadInputError as error:
+        assert recipe.checkpoint == memwise.CheckpointMode.SELECTIVE and "checkpoint_modules" in str(error)
+        assert_same(before, snapshot(model))
+        return
     if recipe.precision == memwise.Precision.BF16_WEIGHTS:
         assert all(param.dtype == torch.bfloat16 for param in model.parameters())  # it did change something
     handle.remove()

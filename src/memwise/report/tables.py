@@ -311,13 +311,14 @@ def _plain(value: Any) -> str:
 
 
 def _recipe_text(recipe: Any) -> str:
-    """`precision=fp32, checkpoint=none, optimizer=default` (the batch size has its own row)."""
+    """`precision=bf16, checkpoint=full`: the fields that differ from their defaults (the batch
+    size has its own row); `defaults` when none does."""
     if not dataclasses.is_dataclass(recipe):
         return str(recipe)
     parts = []
     for field in dataclasses.fields(recipe):
-        if field.name == "batch_size":
-            continue
         value = getattr(recipe, field.name)
-        parts.append(f"{field.name}={'default' if value is None else _plain(value)}")
-    return ", ".join(parts)
+        if field.name == "batch_size" or value == field.default:
+            continue
+        parts.append(f"{field.name}={_plain(value)}")
+    return ", ".join(parts) or "defaults"
