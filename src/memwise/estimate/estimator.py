@@ -7,7 +7,7 @@ import psutil
 
 from memwise.core.devices import DeviceSpec, custom_device, get_device
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import CheckpointMode, Mode, Precision, Recipe
+from memwise.core.recipe import CheckpointMode, Mode, OffloadMode, OptimizerName, OptimizerStateDtype, Precision, Recipe
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
@@ -236,17 +236,32 @@ def _what_if(
         return row(change, other.peak_bytes, "estimated")
 
     rows = []
+    train = mode == Mode.TRAIN
+    gpu = spec.kind == "cuda"
     if recipe.batch_size > 1:
-        rows.append(rerun(f"batch size halved ({recipe.batch_size} -> {recipe.batch_size // 2})", recipe.replace(batch_size=recipe.batch_size // 2)))
+        half = recipe.batch_size // 2
+        rows.append(rerun(f"batch size halved ({recipe.batch_size} -> {half})", recipe.replace(batch_size=half, micro_batch_size=None)))
+        micro = recipe.micro_batch_size or recipe.batch_size
+        if train and micro % 2 == 0:
+            rows.append(rerun(f"micro-batch {micro // 2}, same effective batch {recipe.batch_size}", recipe.replace(micro_batch_size=micro // 2)))
     if recipe.precision == Precision.FP32:
         rows.append(rerun("bf16 autocast", recipe.replace(precision=Precision.BF16)))
-    if mode == Mode.TRAIN and recipe.checkpoint == CheckpointMode.NONE:
+    if train and recipe.checkpoint == CheckpointMode.NONE:
         rows.append(rerun("full activation checkpointing", recipe.replace(checkpoint=CheckpointMode.FULL)))
+        rows.append(rerun("selective activation checkpointing", recipe.replace(checkpoint=CheckpointMode.SELECTIVE)))
     state = breakdown.by_category.get("optimizer_state", 0)
-    if mode == Mode.TRAIN and state:
-        rows.append(row("bf16 optimizer state", breakdown.peak_bytes - state // 2, "analytic"))
-        rows.append(row("8-bit optimizer state", breakdown.peak_bytes - (state * 3) // 4, "analytic"))
+    adam = recipe.optimizer in (OptimizerName.ADAM, OptimizerName.ADAMW) or (recipe.optimizer is None and workload.optimizer_factory is None)
+    if train and state and recipe.optimizer_state == OptimizerStateDtype.FP32:
+        for dtype, factor in ((OptimizerStateDtype.BF16, 2), (OptimizerStateDtype.INT8, 4)):
+            change = f"{dtype.value} optimizer state"
+            if adam:
+                rows.append(rerun(change, recipe.replace(optimizer_state=dtype)))
+            else:
+                rows.append(row(change, breakdown.peak_bytes - state + state // factor, "analytic"))
+    if gpu and train and recipe.offload == OffloadMode.NONE:
+        rows.append(rerun("optimizer state offloaded to host", recipe.replace(offload=OffloadMode.OPTIMIZER)))
+        rows.append(rerun("saved activations offloaded to host", recipe.replace(offload=OffloadMode.ACTIVATIONS)))
     resident = sum(breakdown.by_category.get(c, 0) for c in ("param", "grad", "optimizer_state"))
     if resident:
-        rows.append(row("half of the layers offloaded to host", breakdown.peak_bytes - resident // 2, "analytic"))
+        rows.append(row("half of the layers kept on host (weights, grads, state)", breakdown.peak_bytes - resident // 2, "analytic"))
     return tuple(rows)

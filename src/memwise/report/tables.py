@@ -165,16 +165,19 @@ def what_if_content(result: Any) -> TableContent | None:
     rows = []
     for item in what_if:
         change, peak = _item_field(item, "change"), _item_field(item, "peak_bytes")
+        fits = _item_field(item, "fits")
+        fits_text = "n/a" if fits is None else ("yes" if fits else "no")
+        method = str(_item_field(item, "method") or "")
         if peak is None:
-            rows.append((str(change), "n/a", "n/a"))
+            rows.append((str(change), "n/a", "n/a", fits_text, method))
             continue
         delta = peak - result.peak_bytes
         sign = "+" if delta > 0 else ""
         share = _share_text(delta, result.peak_bytes, signed=True)
-        rows.append((str(change), format_bytes(peak), f"{sign}{format_bytes(delta)} ({share})"))
+        rows.append((str(change), format_bytes(peak), f"{sign}{format_bytes(delta)} ({share})", fits_text, method))
     return TableContent(
         title="What if",
-        headers=("Change", "Peak", "Change in peak"),
+        headers=("Change", "Peak", "Change in peak", "Fits", "How"),
         rows=tuple(rows),
         numeric_columns=(1, 2),
     )

@@ -25,13 +25,15 @@ BLOCK = 256
 def quantize_signed(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and per-block fp32 scales of `values` (flattened, padded to whole blocks)."""
     blocks = _blocks(values)
-    scale = blocks.abs().amax(dim=1).clamp_min(1e-30)
-    codes = torch.round(blocks / scale[:, None] * 127).to(torch.int8)
+    # the largest |value| per block without an |values| copy: the scratch of a step is what a large
+    # parameter's update adds to the peak
+    scale = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg()).clamp_min(1e-30)
+    codes = (blocks / scale[:, None]).mul_(127).round_().to(torch.int8)
     return codes, scale
 
 
 def dequantize_signed(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return (codes.float() * (scale[:, None] / 127)).flatten()[: like.numel()].view_as(like)
+    return codes.float().mul_(scale[:, None] / 127).flatten()[: like.numel()].view_as(like)
 
 
 def quantize_sqrt(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,13 +45,14 @@ def quantize_sqrt(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     blocks = _blocks(values).sqrt()
     scale = blocks.amax(dim=1).clamp_min(1e-30)
-    scaled = blocks / scale[:, None] * 255
-    codes = torch.where(scaled > 0, scaled.round().clamp_min(1), 0).to(torch.uint8)
+    scaled = blocks.div_(scale[:, None]).mul_(255)  # in place: `blocks` is this function's own copy
+    positive = scaled > 0
+    codes = scaled.round_().clamp_min_(1).mul_(positive).to(torch.uint8)
     return codes, scale
 
 
 def dequantize_sqrt(codes: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return (codes.float() * (scale[:, None] / 255)).square().flatten()[: like.numel()].view_as(like)
+    return codes.float().mul_(scale[:, None] / 255).square_().flatten()[: like.numel()].view_as(like)
 
 
 def _blocks(values: torch.Tensor) -> torch.Tensor:
@@ -108,6 +111,7 @@ class LowPrecisionAdam(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2 ** state["step"]
                 denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
                 weight.addcdiv_(exp_avg, denominator, value=-group["lr"] / bias_correction1)
+                del denominator  # free it before the moments are re-encoded
                 param.copy_(weight)
                 self._store(state, exp_avg, exp_avg_sq)
         return loss
