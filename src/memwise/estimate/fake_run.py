@@ -60,11 +60,12 @@ class FakeAllocations(TorchDispatchMode):
     def settle_accumulation(self) -> None:
         """Turns the last backward `add` into the in-place add the real run makes, if it was one.
 
-        Autograd sums two gradients for one tensor in place when nothing else holds the first
-        (`InputBuffer`, `AccumulateGrad`); under a Python dispatch mode its reference counts are
-        higher, so it adds out of place and drops the first right after. When that first
-        gradient died before the next op, the sum takes over its allocation: the sum's own
-        allocation and the first one's free are dropped from the log, as the real run makes none.
+        Autograd's `InputBuffer` sums two gradients for one tensor in place when it holds the
+        last reference to the first and to its storage and the first is contiguous (so not when
+        it is a view, such as the transposed matmul gradient of a tied weight in fp32); under a Python dispatch mode the reference counts are higher, so it always adds out
+        of place and drops the first right after. When the first gradient was contiguous and died
+        before the next op, the sum takes over its allocation: the sum's own allocation and the
+        first one's free are dropped from the log, as the real run makes none.
         """
         pending, self._pending_accumulation = self._pending_accumulation, None
         if pending is None:
@@ -156,7 +157,7 @@ class FakeAllocations(TorchDispatchMode):
         for position, storage in new_storages:
             # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
             self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
-        if func is _ADD and self.phase == "backward" and new_storages and _same_layout(args[0], leaves[0]):
+        if func is _ADD and self.phase == "backward" and new_storages and _same_layout(args[0], leaves[0]) and _owns_storage(args[0]):
             self._pending_accumulation = (
                 len(self.log.events) - 1, weakref.ref(args[0].untyped_storage()), self.key_of(args[0]),
                 weakref.ref(leaves[0].untyped_storage()),
@@ -187,6 +188,13 @@ def _saved_tensors_on_host(recorder: FakeAllocations) -> contextlib.AbstractCont
             recorder.host_scope = False
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.clone())
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether `InputBuffer` could repurpose `tensor` for an in-place sum: contiguous, and not a
+    view (a view's storage is also held by its base, e.g. the transposed gradient of a tied
+    weight in fp32)."""
+    return tensor.is_contiguous() and not tensor._is_view()
 
 
 def _same_layout(first: Any, second: Any) -> bool:

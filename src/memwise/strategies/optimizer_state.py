@@ -46,8 +46,8 @@ def quantize_sqrt(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(values).sqrt()
     scale = blocks.amax(dim=1).clamp_min(1e-30)
     scaled = blocks.div_(scale[:, None]).mul_(255)  # in place: `blocks` is this function's own copy
-    positive = scaled > 0
-    codes = scaled.round_().clamp_min_(1).mul_(positive).to(torch.uint8)
+    zero = scaled == 0
+    codes = scaled.round_().clamp_min_(1).masked_fill_(zero, 0).to(torch.uint8)
     return codes, scale
 
 
@@ -109,7 +109,7 @@ class LowPrecisionAdam(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 bias_correction1 = 1 - beta1 ** state["step"]
                 bias_correction2 = 1 - beta2 ** state["step"]
-                denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+                denominator = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(group["eps"])
                 weight.addcdiv_(exp_avg, denominator, value=-group["lr"] / bias_correction1)
                 del denominator  # free it before the moments are re-encoded
                 param.copy_(weight)
