@@ -20,4 +20,4 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/memwise demo
 
 test: install-dev
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q

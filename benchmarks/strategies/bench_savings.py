@@ -79,6 +79,8 @@ def measure(label: str, spec: str, args: dict, names: list[str]) -> list[dict]:
             "workload": label, "spec": spec, "args": args, "batch_size": BATCH, "strategy": name, "recipe": recipe.to_dict(),
             "peak_bytes": measured.peak_bytes, "reference_peak_bytes": measured.reference_peak_bytes,
             "by_category": measured.by_category, "phase_at_peak": measured.phase_at_peak, "step_at_peak": measured.step_at_peak,
+            # activations are largest when backward starts, which is not the peak when the optimizer step is
+            "largest_activation_bytes": max(measured.timeline.bytes_by_category["activation"]),
             "optimizer_state_persistent_bytes": state_bytes, "step_ms": step_ms,
             "estimated_peak_bytes": estimated.peak_bytes, "estimate_error": estimated.peak_bytes / measured.peak_bytes - 1,
             "notes": notes,
@@ -87,7 +89,7 @@ def measure(label: str, spec: str, args: dict, names: list[str]) -> list[dict]:
     plain = rows[0]
     for row in rows:
         row["peak_vs_plain"] = row["peak_bytes"] / plain["peak_bytes"]
-        row["activation_vs_plain"] = row["by_category"]["activation"] / plain["by_category"]["activation"]
+        row["activation_vs_plain"] = row["largest_activation_bytes"] / plain["largest_activation_bytes"]
         row["optimizer_state_vs_plain"] = row["optimizer_state_persistent_bytes"] / plain["optimizer_state_persistent_bytes"]
         row["step_time_ratio"] = row["step_ms"] / plain["step_ms"]
     return rows
@@ -132,11 +134,11 @@ def main() -> None:
     print_table(
         f"measured by memwise.profile (verify=True), train, batch {BATCH}, AdamW, bytes at the peak",
         ["workload", "strategy", "peak", "reference peak", "peak / ref", "param", "grad", "optimizer_state", "activation",
-         "temporary", "peak at"],
+         "temporary", "peak at", "largest activation"],
         [[r["workload"], r["strategy"], f"{r['peak_bytes']:,}", f"{r['reference_peak_bytes']:,}",
           f"{r['peak_bytes'] / r['reference_peak_bytes']:.4f}", f"{r['by_category']['param']:,}", f"{r['by_category']['grad']:,}",
           f"{r['by_category']['optimizer_state']:,}", f"{r['by_category']['activation']:,}", f"{r['by_category']['temporary']:,}",
-          f"{r['phase_at_peak']} {r['step_at_peak']}"] for r in rows])
+          f"{r['phase_at_peak']} {r['step_at_peak']}", f"{r['largest_activation_bytes']:,}"] for r in rows])
     print_table(
         "each strategy against the plain run of the same workload, same process",
         ["workload", "strategy", "peak vs plain", "activation vs plain", "optimizer state vs plain", "step ms", "step time vs plain",
@@ -146,7 +148,10 @@ def main() -> None:
           f"{r['estimated_peak_bytes']:,}", f"{r['estimate_error']:+.2%}", "; ".join(r["notes"]) or ""] for r in rows])
     print_table("the issue's targets", ["target", "workload", "measured", "result"], targets(rows))
     elapsed = time.perf_counter() - started
-    print(f"\noptimizer state vs plain: bytes the optimizer holds between steps (counted from the optimizer); "
+    print("\nactivation vs plain: the largest activation bytes over the steps (the profile's timeline, downsampled to "
+          "~1200 points with the peak kept), not those at the peak, which for BERT falls in the optimizer step; "
+          "offload on this CPU-only run is a no-op (see the note)")
+    print(f"optimizer state vs plain: bytes the optimizer holds between steps (counted from the optimizer); "
           f"step time: median of {TIMED_STEPS} untracked steps after a warm-up; total {elapsed:.0f} s")
     config = {"batch_size": BATCH, "profile_steps": PROFILE_STEPS, "timed_steps": TIMED_STEPS, "threads": torch.get_num_threads()}
     path = write_rows("bench_savings", rows, config)

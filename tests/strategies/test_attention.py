@@ -11,19 +11,10 @@ from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode
 from memwise.core.step import StepRunner
 from memwise.core.strategy import forward_context
+from tests.strategies.helpers import train
 
 CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
-
-def train(workload, recipe, batches):
-    torch.manual_seed(0)
-    model = copy.deepcopy(workload.model)
-    runner = StepRunner(workload, recipe, Mode.TRAIN, model, torch.device("cpu"))
-    try:
-        losses = [runner.step(batch) for batch in batches]
-    finally:
-        runner.close()
-    return losses, model
 
 
 class OpsSeen(TorchDispatchMode):
@@ -49,12 +40,12 @@ def gpt():
 @pytest.mark.parametrize("backend", ["math", "flash"])
 def test_sdpa_backend_is_same_as_without(gpt, backend):
     workload, batches = gpt
-    losses, model = train(workload, memwise.Recipe(batch_size=4), batches)
-    forced_losses, forced_model = train(workload, memwise.Recipe(batch_size=4, sdpa_backend=backend), batches)
+    losses, model, _ = train(workload, memwise.Recipe(batch_size=4), batches)
+    forced_losses, forced_model, _ = train(workload, memwise.Recipe(batch_size=4, sdpa_backend=backend), batches)
     # different kernels sum in a different order: fp32 rounding only (measured 8e-8 for math)
     torch.testing.assert_close(forced_losses, losses, rtol=1e-5, atol=0)
     for (name, param), forced in zip(model.named_parameters(), forced_model.parameters()):
-        torch.testing.assert_close(forced, param, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(forced, param, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend,fused", [("auto", True), ("flash", True), ("math", False)])

@@ -38,7 +38,7 @@ def assert_bit_exact(workload, batches, **strategy):
     checkpointed_losses, checkpointed_model = train(workload, memwise.Recipe(batch_size=4, **strategy), batches)
     torch.testing.assert_close(checkpointed_losses, losses, rtol=0, atol=0)
     for (name, param), checkpointed in zip(model.named_parameters(), checkpointed_model.parameters()):
-        torch.testing.assert_close(checkpointed, param, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(checkpointed, param, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
     assert losses[-1] < losses[0]  # it trained: the comparison is not between two untouched models
 
 
@@ -91,7 +91,7 @@ def test_checkpointed_blocks_recompute_in_backward(gpt, strategy, expected):
 
 
 def test_selective_by_class_name_wraps_only_that_class(gpt):
-    workload, batches = gpt
+    workload = gpt[0]
     model = copy.deepcopy(workload.model)
     handle = memwise.apply_(model, memwise.Recipe(batch_size=4, checkpoint="selective", checkpoint_modules=["MLP"]))
     wrapped = sorted(name for name, module in model.named_modules() if "forward" in module.__dict__)
@@ -100,7 +100,7 @@ def test_selective_by_class_name_wraps_only_that_class(gpt):
 
 
 def test_unknown_checkpoint_module_is_an_error_that_leaves_the_model_alone(gpt):
-    workload, _ = gpt
+    workload = gpt[0]
     model = copy.deepcopy(workload.model)
     recipe = memwise.Recipe(batch_size=4, precision="bf16-weights", checkpoint="selective", checkpoint_modules=["NoSuchBlock"])
     with pytest.raises(BadInputError, match="checkpoint_modules.*NoSuchBlock"):
@@ -109,4 +109,4 @@ def test_unknown_checkpoint_module_is_an_error_that_leaves_the_model_alone(gpt):
     assert all(param.dtype == torch.float32 for param in model.parameters())
     assert not model._forward_pre_hooks
     for (name, param), original in zip(model.named_parameters(), workload.model.parameters()):
-        torch.testing.assert_close(param, original, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(param, original, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")

@@ -9,20 +9,10 @@ import memwise
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode
 from memwise.core.step import StepRunner
+from tests.strategies.helpers import train
 
 STEPS = 8
 
-
-def train(workload, recipe, batches):
-    """Losses of `recipe` over `batches` from a fresh copy of the workload's model, and the trained copy."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(workload.model)
-    runner = StepRunner(workload, recipe, Mode.TRAIN, model, torch.device("cpu"))
-    try:
-        losses = [runner.step(batch) for batch in batches]
-    finally:
-        runner.close()
-    return losses, model
 
 
 def sgd_gpt():
@@ -38,12 +28,12 @@ def test_micro_batching_is_same_as_without():
     workload = sgd_gpt()
     pair = [workload.make_batch(8) for _ in range(2)]
     batches = [pair[step % 2] for step in range(STEPS)]
-    losses, model = train(workload, memwise.Recipe(batch_size=8), batches)
-    micro_losses, micro_model = train(workload, memwise.Recipe(batch_size=8, micro_batch_size=2), batches)
+    losses, model, _ = train(workload, memwise.Recipe(batch_size=8), batches)
+    micro_losses, micro_model, _ = train(workload, memwise.Recipe(batch_size=8, micro_batch_size=2), batches)
     assert losses[-1] < 0.97 * losses[0]
     torch.testing.assert_close(micro_losses, losses, rtol=1e-5, atol=0)
     for (name, param), micro in zip(model.named_parameters(), micro_model.parameters()):
-        torch.testing.assert_close(micro, param, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(micro, param, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_micro_batching_runs_one_pass_per_micro_batch():

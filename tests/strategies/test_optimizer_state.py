@@ -11,7 +11,12 @@ from memwise.core.recipe import Mode
 from memwise.core.step import StepRunner
 from memwise.strategies.master_weights import MasterWeightsOptimizer
 from memwise.strategies.optimizer_state import (
-    BLOCK, LowPrecisionAdam, dequantize_signed, dequantize_sqrt, quantize_signed, quantize_sqrt,
+    BLOCK,
+    LowPrecisionAdam,
+    dequantize_signed,
+    dequantize_sqrt,
+    quantize_signed,
+    quantize_sqrt,
 )
 
 STEPS = 12

@@ -9,20 +9,10 @@ import memwise
 from memwise.core.recipe import Mode
 from memwise.core.step import StepRunner
 from memwise.strategies.master_weights import MasterWeightsOptimizer
+from tests.strategies.helpers import train
 
 STEPS = 12
 
-
-def train(workload, recipe, batches):
-    """Losses of `recipe` over `batches` from a fresh copy of the workload's model, the trained copy and its runner."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(workload.model)
-    runner = StepRunner(workload, recipe, Mode.TRAIN, model, torch.device("cpu"))
-    try:
-        losses = [runner.step(batch) for batch in batches]
-    finally:
-        runner.close()
-    return losses, model, runner
 
 
 def update_cosine(model, trained, initial):
@@ -61,7 +51,7 @@ def test_autocast_runs_matmuls_in_low_precision(gpt):
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         model = copy.deepcopy(workload.model)
         seen = []
-        model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+        model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, output, seen=seen: seen.append(output.dtype))
         runner = StepRunner(workload, memwise.Recipe(batch_size=8, precision=precision), Mode.TRAIN, model, torch.device("cpu"))
         runner.step(batches[0])
         assert seen == [dtype], precision

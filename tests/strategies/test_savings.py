@@ -48,7 +48,12 @@ def measured(workload):
 
 
 def activation_ratio(measured, name):
-    return measured(name).by_category["activation"] / measured("plain").by_category["activation"]
+    """Activation bytes at the peak, as a fraction of the plain run's (here every peak is in backward)."""
+    ratio = measured(name).by_category["activation"] / measured("plain").by_category["activation"]
+    # the largest activation bytes over the steps tell the same story when the peak moves elsewhere
+    largest = max(measured(name).timeline.bytes_by_category["activation"])
+    assert abs(largest / max(measured("plain").timeline.bytes_by_category["activation"]) - ratio) <= 0.01
+    return ratio
 
 
 def test_checkpoint_full_cuts_activation_bytes(measured):
@@ -120,3 +125,35 @@ def test_profile_matches_the_profiler_reference(measured, name):
 def test_estimate_is_within_5_percent_of_profile(measured, workload, name):
     estimated = memwise.estimate(workload, memwise.Recipe(batch_size=BATCH, optimizer="adamw", **RECIPES[name]), "cpu")
     assert abs(estimated.peak_bytes / measured(name).peak_bytes - 1) <= 0.05
+
+
+class EmbeddingClassifier(torch.nn.Module):
+    """One parameter holds 99% of the weights: the optimizer step is the peak, the update's scratch counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32768, 64)
+        self.head = torch.nn.Linear(64, 8)
+
+    def forward(self, tokens, labels):
+        return torch.nn.functional.cross_entropy(self.head(self.embed(tokens).mean(1)), labels)
+
+
+@pytest.mark.parametrize("state_dtype", ["bf16", "8bit"])
+def test_low_precision_state_does_not_raise_an_optimizer_bound_peak(state_dtype):
+    """Regression: the 8-bit step's fp32 scratch for the largest parameter raised this peak by 42% (bf16: 17%).
+
+    The moments of the parameter being updated are decoded to fp32 for its update, so where one
+    parameter dominates the state saved is spent again as scratch; the peak must not rise.
+    """
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    workload = memwise.Workload(
+        EmbeddingClassifier(),
+        lambda batch: (torch.randint(32768, (batch, 16), generator=generator), torch.randint(8, (batch,), generator=generator)),
+        name="embedding-classifier")
+    plain = memwise.profile(workload, memwise.Recipe(batch_size=8, optimizer="adamw"), steps=2, verify=True)
+    low = memwise.profile(workload, memwise.Recipe(batch_size=8, optimizer="adamw", optimizer_state=state_dtype), steps=2, verify=True)
+    assert plain.phase_at_peak == "optimizer"
+    assert low.peak_bytes == low.reference_peak_bytes and plain.peak_bytes == plain.reference_peak_bytes
+    assert low.peak_bytes <= 1.01 * plain.peak_bytes  # measured: bf16 x1.000, 8bit x1.002

@@ -142,6 +142,8 @@ class StepRunner:
             del loss
         self.on_phase("optimizer")
         if self.scaler is not None:
+            if hasattr(self.optimizer, "sync_grads"):  # master weights: unscale their gradients
+                self.optimizer.sync_grads()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:

@@ -29,12 +29,18 @@ class MasterWeightsOptimizer:
     def param_groups(self) -> list[dict[str, Any]]:
         return self.inner.param_groups
 
-    def step(self, closure: Any = None) -> Any:
+    def sync_grads(self) -> None:
+        """Copies the model's gradients onto the masters (once per step).
+
+        A GradScaler unscales the gradients of `param_groups`, which are the masters: the step
+        runner calls this before `scaler.step` so there are gradients to unscale.
+        """
         for param, master in self.pairs:
-            if param.grad is None:
-                master.grad = None
-            else:
+            if master.grad is None and param.grad is not None:
                 master.grad = param.grad.to(device=master.device, dtype=master.dtype)
+
+    def step(self, closure: Any = None) -> Any:
+        self.sync_grads()
         result = self.inner.step(closure)
         with torch.no_grad():
             for param, master in self.pairs:
