@@ -1,7 +1,16 @@
 """memwise: make PyTorch training and inference fit the memory you have, and show what every byte costs."""
 
 from memwise import strategies  # noqa: F401  (registers the strategies)
-from memwise.core.recipe import CheckpointMode, Mode, OffloadMode, OptimizerName, OptimizerStateDtype, Precision, Recipe, SdpaBackend
+from memwise.core.recipe import (
+    CheckpointMode,
+    Mode,
+    OffloadMode,
+    OptimizerName,
+    OptimizerStateDtype,
+    Precision,
+    Recipe,
+    SdpaBackend,
+)
 from memwise.core.strategy import Handle, apply_
 from memwise.core.units import format_bytes, parse_size
 from memwise.core.workload import Workload

@@ -8,10 +8,25 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from memwise.core.errors import BadInputError, MemwiseError
-from memwise.core.recipe import CheckpointMode, Mode, OffloadMode, OptimizerName, OptimizerStateDtype, Precision, Recipe, SdpaBackend
+from memwise.core.recipe import (
+    CheckpointMode,
+    Mode,
+    OffloadMode,
+    OptimizerName,
+    OptimizerStateDtype,
+    Precision,
+    Recipe,
+    SdpaBackend,
+)
 from memwise.workloads import load_workload, parse_args
 
 EXIT_ERROR = 1

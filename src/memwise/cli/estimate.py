@@ -3,7 +3,12 @@
 import click
 
 from memwise.cli.common import (
-    build_recipe, emit_json, format_option, handle_errors, load_spec, recipe_options,
+    build_recipe,
+    emit_json,
+    format_option,
+    handle_errors,
+    load_spec,
+    recipe_options,
 )
 
 

@@ -5,7 +5,13 @@ from pathlib import Path
 import click
 
 from memwise.cli.common import (
-    StepProgress, build_recipe, emit_json, format_option, handle_errors, load_spec, recipe_options,
+    StepProgress,
+    build_recipe,
+    emit_json,
+    format_option,
+    handle_errors,
+    load_spec,
+    recipe_options,
 )
 
 

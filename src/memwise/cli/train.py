@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from memwise.cli.common import EXIT_INFEASIBLE, emit_json, format_option, handle_errors, load_spec
+from memwise.cli.common import (
+    EXIT_INFEASIBLE,
+    emit_json,
+    format_option,
+    handle_errors,
+    load_spec,
+)
 
 
 @click.command("train")

@@ -7,6 +7,7 @@ import dataclasses
 import enum
 from typing import Any
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.serialize import from_dict, to_dict
 
@@ -129,16 +130,14 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise BadInputError(f"{name}: must be a positive integer, got {value!r}")
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), name)
         if self.micro_batch_size is not None and self.batch_size is not None and self.batch_size % self.micro_batch_size:
             raise BadInputError(
                 f"micro_batch_size: {self.micro_batch_size} must divide batch_size {self.batch_size} "
                 "so every accumulation pass has the same size"
             )
-        if isinstance(self.checkpoint_every_n, bool) or not isinstance(self.checkpoint_every_n, int) or self.checkpoint_every_n < 1:
-            raise BadInputError(f"checkpoint_every_n: must be a positive integer, got {self.checkpoint_every_n!r}")
+        positive_int(self.checkpoint_every_n, "checkpoint_every_n")
         if isinstance(self.checkpoint_modules, str) or not all(isinstance(name, str) for name in self.checkpoint_modules):
             raise BadInputError(f"checkpoint_modules: expected a list of module names, got {self.checkpoint_modules!r}")
         object.__setattr__(self, "checkpoint_modules", tuple(self.checkpoint_modules))

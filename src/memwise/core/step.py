@@ -13,7 +13,13 @@ import torch
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode, OptimizerName, Precision, Recipe
 from memwise.core.strategy import apply_, forward_context, optimizer_builder
-from memwise.core.workload import Workload, call_model, loss_from_output, move_batch, split_batch
+from memwise.core.workload import (
+    Workload,
+    call_model,
+    loss_from_output,
+    move_batch,
+    split_batch,
+)
 
 PhaseCallback = Callable[[str], None]
 BatchCallback = Callable[[Any], None]

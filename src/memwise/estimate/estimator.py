@@ -7,7 +7,15 @@ import psutil
 
 from memwise.core.devices import DeviceSpec, custom_device, get_device
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import CheckpointMode, Mode, OffloadMode, OptimizerName, OptimizerStateDtype, Precision, Recipe
+from memwise.core.recipe import (
+    CheckpointMode,
+    Mode,
+    OffloadMode,
+    OptimizerName,
+    OptimizerStateDtype,
+    Precision,
+    Recipe,
+)
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode, Recipe
 from memwise.core.step import StepRunner, resolve_recipe
@@ -82,8 +83,7 @@ def profile(
     """
     if not isinstance(workload, Workload):
         raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise BadInputError(f"steps: must be a positive integer, got {steps!r}")
+    positive_int(steps, "steps")
     mode = _mode(mode)
     recipe = resolve_recipe(workload, recipe)
     device = _device(device)

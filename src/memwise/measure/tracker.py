@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
-from memwise.measure.memory_log import MemoryLog, ROOT_MODULE
+from memwise.measure.memory_log import ROOT_MODULE, MemoryLog
 
 _MARK_PREFIX = "memwise::"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError, MemwiseError
 from memwise.core.recipe import Mode, Recipe
 from memwise.core.serialize import from_dict, to_dict
@@ -134,10 +135,8 @@ def train(
         InfeasibleBudgetError: the budget is below the parameters, buffers and gradients alone.
         TrainingStoppedError: a micro-batch of 1 still does not fit.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise BadInputError(f"steps: must be a positive integer, got {steps!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise BadInputError(f"checkpoint_every: must be a positive integer, got {checkpoint_every!r}")
+    positive_int(steps, "steps")
+    positive_int(checkpoint_every, "checkpoint_every")
     if resume and checkpoint_dir is None:
         raise BadInputError("resume: needs a checkpoint directory (--checkpoint-dir)")
     recipe = resolve_recipe(workload, recipe)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.workload import Workload
 
@@ -237,8 +238,7 @@ def gpt(
     generator = torch.Generator().manual_seed(seed)
 
     def make_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise BadInputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         tokens = torch.randint(config.vocab_size, (batch_size, seq_len + 1), generator=generator, device="cpu")
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 

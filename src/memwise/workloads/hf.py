@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import WorkloadError
 from memwise.core.workload import Workload
 
@@ -107,8 +108,7 @@ def hf(
     generator = torch.Generator().manual_seed(seed)
 
     def make_batch(batch_size: int) -> dict[str, torch.Tensor]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise WorkloadError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         input_ids = torch.randint(vocab_size, (batch_size, seq_len), generator=generator, device="cpu")
         batch = {"input_ids": input_ids}
         if with_attention_mask:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError, WorkloadError
 from memwise.core.workload import Workload
 
@@ -151,8 +152,7 @@ def minilm(*, seq_len: int = 64, seed: int = 0) -> Workload:
 
     def make_batch(batch_size: int) -> dict[str, torch.Tensor]:
         nonlocal position
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise BadInputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         texts = [SENTENCES[order[(position + offset) % len(order)]] for offset in range(batch_size)]
         position = (position + batch_size) % len(order)
         return tokenize(texts)

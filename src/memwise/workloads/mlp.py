@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.workload import Workload
 
@@ -68,8 +69,7 @@ def mlp(*, width: int = 512, depth: int = 4, in_features: int = 256, num_classes
     generator = torch.Generator().manual_seed(seed)
 
     def make_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise BadInputError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         x = torch.randn(batch_size, in_features, generator=generator, device="cpu")
         labels = torch.randint(num_classes, (batch_size,), generator=generator, device="cpu")
         return x, labels
