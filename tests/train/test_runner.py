@@ -120,3 +120,12 @@ def test_cli_train_infeasible_budget_exits_3():
     result = CliRunner().invoke(main, ["train", "gpt", "--arg", "preset=tiny", "--steps", "1", "--budget", "1KiB"])
     assert result.exit_code == 3
     assert "minimum" in result.output
+
+
+def test_oom_in_the_optimizer_step_stops_instead_of_shrinking():
+    """Adam's state does not fit: halving the micro-batch cannot help, so training stops clearly."""
+    workload = _workload()
+    param_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    with pytest.raises(TrainingStoppedError, match="optimizer step itself"):
+        memwise.train(workload, memwise.Recipe(batch_size=2, micro_batch_size=1, optimizer="adam"), 2,
+                      budget_bytes=int(3.5 * param_bytes))

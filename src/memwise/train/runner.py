@@ -150,7 +150,8 @@ def train(
     state = _State(recipe=recipe)
     if resume:
         state = _restore(load_checkpoint(directory), model)
-    runner = StepRunner(workload, state.recipe, Mode.TRAIN, model, device)
+    phase = {"now": "idle"}
+    runner = StepRunner(workload, state.recipe, Mode.TRAIN, model, device, on_phase=lambda name: phase.__setitem__("now", name))
     _check_budget(runner, budget_bytes)
     if resume:
         runner.optimizer.load_state_dict(state.optimizer_state)
@@ -163,7 +164,7 @@ def train(
             step = state.steps_done
             batch = move_batch(workload.make_batch(state.recipe.batch_size), device)
             guard.track(batch)
-            loss = _step_with_recovery(runner, batch, guard, state, step, log, workload, model, device)
+            loss = _step_with_recovery(runner, batch, guard, state, step, log, device, phase)
             del batch
             guard.track(list(_optimizer_tensors(runner.optimizer)))
             state.loss_history.append(loss)
@@ -236,7 +237,7 @@ def _check_budget(runner: StepRunner, budget_bytes: int | None) -> None:
         )
 
 
-def _step_with_recovery(runner, batch, guard, state, step, log, workload, model, device) -> float:
+def _step_with_recovery(runner, batch, guard, state, step, log, device, phase) -> float:
     while True:
         guard.reset_peak()
         if device.type == "cuda":
@@ -245,6 +246,12 @@ def _step_with_recovery(runner, batch, guard, state, step, log, workload, model,
             with guard:
                 return runner.step(batch)
         except torch.OutOfMemoryError as error:
+            if phase["now"] == "optimizer":
+                raise TrainingStoppedError(
+                    f"step {step} runs out of memory in the optimizer step itself ({error}); a smaller micro-batch "
+                    "cannot help and the step may be partly applied, so training stops with the last checkpoint kept: "
+                    "use optimizer_state bf16 or 8bit, offload the optimizer, or raise the budget"
+                ) from None
             runner.optimizer.zero_grad(set_to_none=True)
             gc.collect()
             if device.type == "cuda":
