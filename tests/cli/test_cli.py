@@ -136,3 +136,17 @@ def test_demo_writes_the_report(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "report.html").exists()
     assert "report:" in result.output
+
+
+def test_model_that_does_not_take_the_batch_gets_a_hint(tmp_path: Path):
+    spec_file = tmp_path / "wrong.py"
+    spec_file.write_text(
+        "import torch, memwise\n"
+        "def make():\n"
+        "    model = torch.nn.Linear(4, 2)\n"
+        "    return memwise.Workload(model, lambda b: (torch.randn(b, 4), torch.randn(b, 2)), name='wrong')\n"
+    )
+    result = CliRunner().invoke(main, ["profile", f"{spec_file}:make", "--batch-size", "2", "--steps", "1"])
+    assert result.exit_code == 1
+    assert "model(*batch)" in result.output
+    assert "Traceback" not in result.output

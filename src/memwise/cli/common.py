@@ -97,7 +97,10 @@ def handle_errors(function: Callable) -> Callable:
             raise
         except Exception as error:  # a failure inside the user's model or torch: one line, not a traceback
             where = _user_frame(error)
-            click.echo(f"memwise: error: {type(error).__name__}: {error}{where}", err=True)
+            hint = ""
+            if isinstance(error, TypeError) and "argument" in str(error):
+                hint = "; memwise calls model(batch) for a tensor batch, model(*batch) for a tuple or list, model(**batch) for a dict"
+            click.echo(f"memwise: error: {type(error).__name__}: {error}{where}{hint}", err=True)
             sys.exit(EXIT_ERROR)
 
     return wrapper
