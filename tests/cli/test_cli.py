@@ -150,3 +150,17 @@ def test_model_that_does_not_take_the_batch_gets_a_hint(tmp_path: Path):
     assert result.exit_code == 1
     assert "model(*batch)" in result.output
     assert "Traceback" not in result.output
+
+
+def test_report_renders_a_saved_result_again(tmp_path: Path):
+    first = run("estimate", "mlp", "--arg", "width=16", "--arg", "depth=1", "--batch-size", "2", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0
+    saved = tmp_path / "a" / "estimate.json"
+    again = run("report", str(saved), "--format", "json", "--out", str(tmp_path / "b"))
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["peak_bytes"] == json.loads(saved.read_text())["peak_bytes"]
+    assert (tmp_path / "b" / "report.html").exists()
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    result = CliRunner().invoke(main, ["report", str(bad)])
+    assert result.exit_code == 2 and "not a memwise profile" in result.output

@@ -5,6 +5,7 @@ import click
 from memwise.cli.demo import demo
 from memwise.cli.estimate import devices_command, estimate_command
 from memwise.cli.profile import profile_command
+from memwise.cli.report import report_command
 from memwise.cli.train import train_command
 from memwise.cli.workloads import workloads_command
 
@@ -25,6 +26,7 @@ main.add_command(workloads_command)
 main.add_command(estimate_command)
 main.add_command(devices_command)
 main.add_command(train_command)
+main.add_command(report_command)
 main.add_command(demo)
 
 
