@@ -124,6 +124,24 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
+def show_result(result: Any, output_format: str, out: Any, *, stem: str) -> None:
+    """Writes the report files to `out` (when given), then prints `result` as table, markdown or JSON."""
+    from pathlib import Path
+
+    from memwise.report.output import write_report
+    from memwise.report.tables import render_markdown, render_terminal
+
+    written = write_report(result, Path(out), stem=stem) if out is not None else {}
+    if output_format == "json":
+        emit_json(result.to_dict())
+    elif output_format == "markdown":
+        click.echo(render_markdown(result))
+    else:
+        render_terminal(result, Console())
+    if written:
+        click.echo(f"report written to {written['html']}", err=True)
+
+
 class StepProgress:
     """A progress bar on stderr, shown only once the work has taken more than a second."""
 

@@ -9,6 +9,7 @@ from memwise.cli.common import (
     handle_errors,
     load_spec,
     recipe_options,
+    show_result,
 )
 
 
@@ -32,29 +33,16 @@ def estimate_command(spec, mode, args, device, device_memory, budget, output_for
       memwise estimate gpt --arg preset=small --batch-size 16 --device RTX-4090 --precision bf16
       memwise estimate hf:bert --arg num_hidden_layers=4 --budget 2GiB --format json
     """
-    from pathlib import Path
 
     from memwise.core.units import parse_size
     from memwise.estimate.estimator import estimate
-    from memwise.report.output import write_report
-    from memwise.report.tables import render_markdown, render_terminal
 
     device_memory_bytes = parse_size(device_memory, name="--device-memory") if device_memory is not None else None
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
     workload = load_spec(spec, args)
     recipe = build_recipe(recipe_options)
     result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
-    written = write_report(result, Path(out), stem="estimate") if out is not None else {}
-    if output_format == "json":
-        emit_json(result.to_dict())
-    elif output_format == "markdown":
-        click.echo(render_markdown(result))
-    else:
-        from rich.console import Console
-
-        render_terminal(result, Console())
-    if written:
-        click.echo(f"report written to {written['html']}", err=True)
+    show_result(result, output_format, out, stem="estimate")
 
 
 @click.command("devices")

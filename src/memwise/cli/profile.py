@@ -7,11 +7,11 @@ import click
 from memwise.cli.common import (
     StepProgress,
     build_recipe,
-    emit_json,
     format_option,
     handle_errors,
     load_spec,
     recipe_options,
+    show_result,
 )
 
 
@@ -36,8 +36,6 @@ def profile_command(spec, mode, args, steps, verify, device, output_format, out,
     """
     from memwise.core.errors import BadInputError
     from memwise.measure.profile import profile
-    from memwise.report.output import write_report
-    from memwise.report.tables import render_markdown, render_terminal
 
     if steps <= 0:
         raise BadInputError(f"--steps: must be a positive integer, got {steps}")
@@ -48,16 +46,4 @@ def profile_command(spec, mode, args, steps, verify, device, output_format, out,
         result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)
     finally:
         progress.close()
-    written = write_report(result, out, stem="profile") if out is not None else {}
-    if output_format == "json":
-        emit_json(result.to_dict())
-        return
-    if output_format == "markdown":
-        click.echo(render_markdown(result))
-    else:
-        from rich.console import Console
-
-        render_terminal(result, Console())
-    if written:
-        click.echo(f"report written to {written['html']}", err=True)
-
+    show_result(result, output_format, out, stem="profile")

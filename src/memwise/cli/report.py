@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from memwise.cli.common import format_option, handle_errors
+from memwise.cli.common import format_option, handle_errors, show_result
 
 
 @click.command("report")
@@ -20,13 +20,9 @@ def report_command(result_file, output_format, out):
     Example:
       memwise report memwise-out/profile.json --out memwise-out/again
     """
-    from rich.console import Console
-
     from memwise.core.errors import BadInputError
     from memwise.estimate.estimator import Estimate
     from memwise.measure.profile import Profile
-    from memwise.report.output import write_report
-    from memwise.report.tables import render_markdown, render_terminal
 
     try:
         data = json.loads(result_file.read_text())
@@ -39,13 +35,4 @@ def report_command(result_file, output_format, out):
     if source not in kinds:
         raise BadInputError(f"{str(result_file)!r} is not a memwise profile or estimate (its 'source' is {source!r})")
     result_type, stem = kinds[source]
-    result = result_type.from_dict(data)
-    if out is not None:
-        written = write_report(result, out, stem=stem)
-        click.echo(f"report written to {written['html']}", err=True)
-    if output_format == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    elif output_format == "markdown":
-        click.echo(render_markdown(result))
-    else:
-        render_terminal(result, Console())
+    show_result(result_type.from_dict(data), output_format, out, stem=stem)
