@@ -27,6 +27,9 @@ class Workload:
         name: a short name shown in reports.
         default_batch_size: the batch size used when the recipe sets none.
         extras: workload-specific helpers (e.g. a `train` function), by name.
+        make_largest_batch: optional `make_largest_batch(batch_size)` returning the batch with the
+            largest inputs `make_batch` can produce (e.g. the longest sequences), so that
+            `memwise.plan` and `memwise.find_batch_size` size for it rather than for samples.
     """
 
     def __init__(
@@ -40,12 +43,14 @@ class Workload:
         name: str = "workload",
         default_batch_size: int = 8,
         extras: Mapping[str, Any] | None = None,
+        make_largest_batch: Callable[[int], Batch] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise WorkloadError(f"Workload model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_batch):
             raise WorkloadError(f"Workload make_batch: expected a callable make_batch(batch_size), got {make_batch!r}")
-        for arg_name, value in (("loss_fn", loss_fn), ("optimizer_factory", optimizer_factory), ("evaluate", evaluate)):
+        for arg_name, value in (("loss_fn", loss_fn), ("optimizer_factory", optimizer_factory), ("evaluate", evaluate),
+                                ("make_largest_batch", make_largest_batch)):
             if value is not None and not callable(value):
                 raise WorkloadError(f"Workload {arg_name}: expected a callable or None, got {value!r}")
         if isinstance(default_batch_size, bool) or not isinstance(default_batch_size, int) or default_batch_size <= 0:
@@ -58,6 +63,7 @@ class Workload:
         self.name = name
         self.default_batch_size = default_batch_size
         self.extras = dict(extras or {})
+        self.make_largest_batch = make_largest_batch
 
     def __repr__(self) -> str:
         return f"Workload(name={self.name!r}, model={type(self.model).__name__}, default_batch_size={self.default_batch_size})"
