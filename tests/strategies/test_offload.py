@@ -21,7 +21,7 @@ def test_offload_is_same_as_without(offload):
     for (name, param), offloaded in zip(model.named_parameters(), offloaded_model.parameters()):
         torch.testing.assert_close(offloaded, param, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
     assert type(runner.optimizer) is torch.optim.AdamW  # no host-side master copies on the host
-    assert "optimizer_owned" not in runner.handle.state
+    assert runner.handle.effects.optimizer_owned == []
     assert any(f"offload={offload}" in note and "host already" in note for note in runner.handle.notes)
 
 

@@ -72,7 +72,7 @@ def test_bf16_weights_keep_bf16_parameters_and_fp32_masters(gpt):
     masters = [master for _, master in runner.optimizer.pairs]
     assert all(master.dtype == torch.float32 for master in masters)
     assert {id(param) for param in runner.optimizer.param_groups[0]["params"]} == {id(master) for master in masters}
-    assert {id(master) for master in masters} == {id(tensor) for tensor in runner.handle.state["optimizer_owned"]}
+    assert {id(master) for master in masters} == {id(tensor) for tensor in runner.handle.effects.optimizer_owned}
     for param, master in runner.optimizer.pairs:
         torch.testing.assert_close(param, master.detach().to(torch.bfloat16), rtol=0, atol=0)  # copied back after the step
     runner.close()

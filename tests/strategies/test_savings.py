@@ -79,7 +79,7 @@ def persistent_optimizer_state_bytes(workload, name):
                         torch.device("cpu"))
     runner.step()
     tensors = [value for state in runner.optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
-    tensors += runner.handle.state.get("optimizer_owned", [])
+    tensors += runner.handle.effects.optimizer_owned
     storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
     runner.close()
     return sum(storages.values())

@@ -248,7 +248,9 @@ def fake_step_log(
         runner = StepRunner(workload, recipe, mode, model, torch.device("cpu"), optimizer_foreach=optimizer_foreach)
     log = MemoryLog(mode=mode.value, module_names=module_names(model))
     recorder = FakeAllocations(log, round_size=round_size, probe=probe)
-    for tensor, category, owner in persistent_tensors(model, runner.handle.state.get("optimizer_owned", [])):
+    if not offload_to_host:  # a GPU target plays offload and allocator settings itself: notes about this CPU would mislead
+        log.notes.extend(runner.handle.notes)
+    for tensor, category, owner in persistent_tensors(model, runner.handle.effects.optimizer_owned):
         recorder.track_preexisting(tensor, category, owner)
     observer = StepObserver(model, recorder.key_of)
 

@@ -55,7 +55,11 @@ class Timeline:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Breakdown:
-    """Summary of a memory log: the peak and what it is made of."""
+    """Summary of a memory log: the peak and what it is made of.
+
+    `notes` are what the recipe's strategies told the user about this run (e.g. a setting that
+    does nothing on this device).
+    """
 
     peak_bytes: int
     baseline_bytes: int
@@ -64,6 +68,7 @@ class Breakdown:
     phase_at_peak: str
     step_at_peak: int
     timeline: Timeline
+    notes: tuple[str, ...] = ()
 
     def breakdown_fields(self) -> dict[str, Any]:
         """This breakdown's own fields, to build a result (Profile, Estimate) that extends it."""
@@ -102,6 +107,7 @@ class MemoryLog:
         self.module_names = list(module_names or [])
         self.events: list[tuple[Any, ...]] = []
         self.times_ns: list[int | None] = []
+        self.notes: list[str] = []  # the strategies' notes on the run (Handle.notes), kept in the summary
 
     def _add(self, event: tuple[Any, ...], time_ns: int | None) -> None:
         self.events.append(event)
@@ -258,6 +264,7 @@ class MemoryLog:
             phase_at_peak=peak_phase if peak_phase != "idle" else "forward",
             step_at_peak=max(peak_step, 0),
             timeline=self._timeline(samples, peak_event),
+            notes=tuple(self.notes),
         )
 
     def _by_module(self, peak_live: list[_Allocation]) -> tuple[ModuleMemory, ...]:

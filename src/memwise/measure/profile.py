@@ -138,8 +138,9 @@ def _measure(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
-    persistent = persistent_tensors(model, runner.handle.state.get("optimizer_owned", []))
+    persistent = persistent_tensors(model, runner.handle.effects.optimizer_owned)
     log, step_ms = record_steps(run_step, model, persistent, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
+    log.notes.extend(runner.handle.notes)
     runner.close()
     if device.type == "cuda":
         baseline = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t, _, _ in persistent}.values())

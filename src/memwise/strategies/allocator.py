@@ -4,7 +4,7 @@ import torch
 
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Recipe
-from memwise.core.strategy import Handle, Strategy, register
+from memwise.core.strategy import Handle, Strategy
 
 ALLOCATOR_KEYS = {
     "expandable_segments": ("True", "False"),
@@ -39,10 +39,14 @@ def parse_allocator_settings(text: str) -> dict[str, str]:
 
 
 class AllocatorStrategy(Strategy):
-    """Applies the settings to the CUDA caching allocator; on CPU they are reported and ignored."""
+    """Applies the settings to the CUDA caching allocator; on CPU they are reported and ignored.
+
+    The settings are process-wide: `Handle.remove()` puts back the settings string that was in
+    force before (the environment's `PYTORCH_CUDA_ALLOC_CONF`, or the last one set), and
+    `expandable_segments` explicitly, because the allocator keeps that key when a new string omits it.
+    """
 
     field = "allocator"
-    order = 0
 
     def patch_model(self, model: torch.nn.Module, recipe: Recipe, handle: Handle) -> None:
         settings = parse_allocator_settings(recipe.allocator)
@@ -51,8 +55,32 @@ class AllocatorStrategy(Strategy):
         if not torch.cuda.is_available():
             handle.notes.append(f"allocator settings {recipe.allocator!r} apply to CUDA only: ignored on this CPU")
             return
-        torch.cuda.memory._set_allocator_settings(recipe.allocator)
-        handle.notes.append(f"CUDA allocator settings applied: {recipe.allocator}")
+        before = allocator_settings()
+        set_allocator_settings(recipe.allocator)
+        handle.on_remove(lambda: set_allocator_settings(restoring_settings(before, settings)))
+        handle.notes.append(f"CUDA allocator settings applied for this run (restored afterwards): {recipe.allocator}")
 
 
-register(AllocatorStrategy())
+def allocator_settings() -> str:
+    """The allocator settings string in force (the last one set, or the environment's)."""
+    return torch._C._accelerator_getAllocatorSettings()
+
+
+def set_allocator_settings(text: str) -> None:
+    torch._C._accelerator_setAllocatorSettings(text)
+
+
+def restoring_settings(before: str, applied: dict[str, str]) -> str:
+    """The settings string that undoes `applied` on top of `before`.
+
+    Setting a string resets the allocator's split size, rounding and garbage-collection threshold
+    to their defaults unless the string names them, but keeps `expandable_segments`: so `before`
+    is set again with `expandable_segments` stated.
+    """
+    previous = {}
+    for item in filter(None, (part.strip() for part in before.split(","))):
+        key, _, value = item.partition(":")
+        previous[key.strip()] = value.strip()
+    if "expandable_segments" in applied and "expandable_segments" not in previous:
+        previous["expandable_segments"] = "False"
+    return ",".join(f"{key}:{value}" for key, value in previous.items())

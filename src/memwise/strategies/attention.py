@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Recipe, SdpaBackend
-from memwise.core.strategy import Handle, Strategy, register
+from memwise.core.strategy import Handle, Strategy
 
 _BACKENDS = {
     SdpaBackend.MATH: SDPBackend.MATH,
@@ -22,7 +22,6 @@ class AttentionStrategy(Strategy):
     """Forces one SDPA backend around forward (only models that call `scaled_dot_product_attention` are affected)."""
 
     field = "sdpa_backend"
-    order = 30
 
     def forward_context(self, recipe: Recipe, device: torch.device, handle: Handle) -> contextlib.AbstractContextManager:
         backend = recipe.sdpa_backend
@@ -31,6 +30,3 @@ class AttentionStrategy(Strategy):
         if device.type == "cpu" and backend not in _CPU_BACKENDS:
             raise BadInputError(f"sdpa_backend: {backend.value!r} needs CUDA; on CPU use auto, math or flash")
         return sdpa_kernel([_BACKENDS[backend]])
-
-
-register(AttentionStrategy())

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import (
 from memwise.core.blocks import find_blocks
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import CheckpointMode, Recipe
-from memwise.core.strategy import Handle, Strategy, register
+from memwise.core.strategy import Handle, Strategy
 
 _aten = torch.ops.aten
 # Outputs worth keeping under selective checkpointing: the expensive ops (matmuls, convolutions,
@@ -58,7 +58,6 @@ class CheckpointStrategy(Strategy):
     """
 
     field = "checkpoint"
-    order = 50
 
     def patch_model(self, model: torch.nn.Module, recipe: Recipe, handle: Handle) -> None:
         extra: dict[str, Any] = {}
@@ -82,6 +81,3 @@ class CheckpointStrategy(Strategy):
                     del block.forward
 
             handle.on_remove(undo)
-
-
-register(CheckpointStrategy())

@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 from memwise.core.recipe import OffloadMode, Recipe
-from memwise.core.strategy import Handle, OptimizerBuilder, Strategy, register
+from memwise.core.strategy import Handle, OptimizerBuilder, Strategy
 from memwise.strategies.master_weights import MasterWeightsOptimizer
 
 
@@ -23,13 +23,12 @@ class OffloadStrategy(Strategy):
     """
 
     field = "offload"
-    order = 80
 
     def patch_model(self, model: torch.nn.Module, recipe: Recipe, handle: Handle) -> None:
         if recipe.offload != OffloadMode.NONE and not _on_device(handle):
             handle.notes.append(f"offload={recipe.offload.value}: the model is on the host already, nothing to move")
 
-    def forward_context(self, recipe: Recipe, device: torch.device, handle: Handle) -> contextlib.AbstractContextManager:
+    def saved_tensors_hooks(self, recipe: Recipe, device: torch.device, handle: Handle) -> contextlib.AbstractContextManager:
         if recipe.offload in (OffloadMode.ACTIVATIONS, OffloadMode.ALL) and device.type == "cuda":
             return torch.autograd.graph.save_on_cpu(pin_memory=True)
         return contextlib.nullcontext()
@@ -44,10 +43,7 @@ class OffloadStrategy(Strategy):
             for param in params:
                 host = param.detach().to("cpu", dtype=torch.float32, copy=True)
                 pairs.append((param, torch.nn.Parameter(host.pin_memory() if pin else host, requires_grad=True)))
-            handle.state.setdefault("optimizer_owned", []).extend(master for _, master in pairs)
+            handle.effects.optimizer_owned.extend(master for _, master in pairs)
             return MasterWeightsOptimizer(pairs, build([master for _, master in pairs]))
 
         return build_on_host
-
-
-register(OffloadStrategy())

@@ -17,7 +17,7 @@ import torch
 
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import OptimizerName, OptimizerStateDtype, Recipe
-from memwise.core.strategy import Handle, OptimizerBuilder, Strategy, register
+from memwise.core.strategy import Handle, OptimizerBuilder, Strategy
 
 BLOCK = 256
 
@@ -135,9 +135,6 @@ class OptimizerStateStrategy(Strategy):
     """Replaces the built-in Adam/AdamW by `LowPrecisionAdam` when `optimizer_state` is bf16 or 8bit."""
 
     field = "optimizer_state"
-    # Before precision (10) and offload (80): it replaces the base optimizer, which their
-    # master-weight wrappers must then wrap; applied after them it would discard their masters.
-    order = 5
 
     def wrap_optimizer(self, build: OptimizerBuilder, recipe: Recipe, handle: Handle) -> OptimizerBuilder:
         if recipe.optimizer_state == OptimizerStateDtype.FP32:
@@ -151,6 +148,3 @@ class OptimizerStateStrategy(Strategy):
         weight_decay = 0.01 if decoupled else 0.0  # torch's defaults for AdamW and Adam
         return lambda params: LowPrecisionAdam(params, lr=1e-3, weight_decay=weight_decay, decoupled=decoupled,
                                                state_dtype=recipe.optimizer_state)
-
-
-register(OptimizerStateStrategy())

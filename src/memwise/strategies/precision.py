@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 from memwise.core.recipe import Precision, Recipe
-from memwise.core.strategy import Handle, OptimizerBuilder, Strategy, register
+from memwise.core.strategy import Handle, OptimizerBuilder, Strategy
 from memwise.strategies.master_weights import MasterWeightsOptimizer
 
 AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -20,7 +20,6 @@ class PrecisionStrategy(Strategy):
     """
 
     field = "precision"
-    order = 10
 
     def patch_model(self, model: torch.nn.Module, recipe: Recipe, handle: Handle) -> None:
         if recipe.precision != Precision.BF16_WEIGHTS:
@@ -41,7 +40,7 @@ class PrecisionStrategy(Strategy):
                     module._buffers[name] = buffer.to(torch.bfloat16)
                     buffers.append((module, name, buffer))
         hook = model.register_forward_pre_hook(_cast_inputs_to_bf16, with_kwargs=True)
-        handle.state["master_weights"] = masters
+        handle.effects.master_weights.extend(masters)
 
         def undo() -> None:
             hook.remove()
@@ -62,12 +61,12 @@ class PrecisionStrategy(Strategy):
             return build
 
         def build_with_masters(params: list[torch.nn.Parameter]) -> MasterWeightsOptimizer:
-            originals = {id(param): original for param, original in handle.state["master_weights"]}
+            originals = {id(param): original for param, original in handle.effects.master_weights}
             pairs = []
             for param in params:
                 master = torch.nn.Parameter(originals.get(id(param), param.detach().float()), requires_grad=True)
                 pairs.append((param, master))
-            handle.state.setdefault("optimizer_owned", []).extend(master for _, master in pairs)
+            handle.effects.optimizer_owned.extend(master for _, master in pairs)
             return MasterWeightsOptimizer(pairs, build([master for _, master in pairs]))
 
         return build_with_masters
@@ -84,6 +83,3 @@ def _cast_inputs_to_bf16(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
         return value
 
     return cast(args), cast(kwargs)
-
-
-register(PrecisionStrategy())

@@ -158,7 +158,7 @@ def train(
         for _ in range(state.steps_done):  # advance make_batch to where the interrupted run stopped
             workload.make_batch(state.recipe.batch_size)
     guard = BudgetGuard(budget_bytes)
-    guard.track([tensor for tensor, _, _ in persistent_tensors(model, runner.handle.state.get("optimizer_owned", []))])
+    guard.track([tensor for tensor, _, _ in persistent_tensors(model, runner.handle.effects.optimizer_owned)])
     try:
         while state.steps_done < steps:
             step = state.steps_done
@@ -221,7 +221,7 @@ def _restore(payload: dict[str, Any], model: torch.nn.Module) -> _State:
 def _check_budget(runner: StepRunner, budget_bytes: int | None) -> None:
     if budget_bytes is None:
         return
-    persistent = persistent_tensors(runner.model, runner.handle.state.get("optimizer_owned", []))
+    persistent = persistent_tensors(runner.model, runner.handle.effects.optimizer_owned)
     seen, minimum = set(), 0
     for tensor, category, _ in persistent:
         key = tensor.untyped_storage().data_ptr()
