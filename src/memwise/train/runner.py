@@ -79,6 +79,7 @@ class TrainResult:
     peak_bytes: int
     loss_history: tuple[float, ...]
     memory: tuple[StepMemory, ...]
+    notes: tuple[str, ...] = ()  # what the recipe's strategies said about the run (Handle.notes)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -183,6 +184,7 @@ def train(
         peak_bytes=max((m.peak_bytes for m in state.memory), default=0),
         loss_history=tuple(state.loss_history),
         memory=tuple(state.memory),
+        notes=tuple(runner.handle.notes),
     )
 
 
