@@ -186,7 +186,7 @@ def gpt(
     n_embd: int | None = None,
     block_size: int | None = None,
     vocab_size: int | None = None,
-    seq_len: int | None = None,
+    seq_len: int | str | None = None,
     dropout: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
@@ -205,6 +205,8 @@ def gpt(
         block_size: overrides the preset's longest sequence.
         vocab_size: overrides the preset's vocabulary size.
         seq_len: tokens per sequence in a batch; defaults to block_size and must not exceed it.
+            A range `"64-256"` makes every batch a random length in it (inclusive), drawn from
+            the seeded generator; the workload then declares `make_largest_batch` (length 256).
         dropout: dropout probability.
         seed: seeds the initial weights and the generator of the batches.
         device: `cpu`, or `meta` to build the model without allocating its weights (for
@@ -218,6 +220,7 @@ def gpt(
     if not isinstance(preset, str) or preset not in PRESETS:
         raise BadInputError(f"gpt preset: unknown preset {preset!r}; valid presets are {', '.join(PRESETS)}")
     overrides = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size, "vocab_size": vocab_size}
+    seq_len, max_seq_len = _seq_len_range(seq_len)
     for name, value in {**overrides, "seq_len": seq_len}.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise BadInputError(f"gpt {name}: must be a positive integer or omitted, got {value!r}")
@@ -226,8 +229,9 @@ def gpt(
     given = {name: value for name, value in overrides.items() if value is not None}
     config = dataclasses.replace(PRESETS[preset], **given, dropout=dropout)
     seq_len = config.block_size if seq_len is None else seq_len
-    if seq_len > config.block_size:
-        raise BadInputError(f"gpt seq_len={seq_len} exceeds block_size={config.block_size}; lower seq_len or raise block_size")
+    max_seq_len = seq_len if max_seq_len is None else max_seq_len
+    if max_seq_len > config.block_size:
+        raise BadInputError(f"gpt seq_len={max_seq_len} exceeds block_size={config.block_size}; lower seq_len or raise block_size")
 
     if device not in ("cpu", "meta"):
         raise BadInputError(f"gpt device: must be 'cpu' or 'meta', got {device!r}")
@@ -237,12 +241,30 @@ def gpt(
         model = GPT(config)
     generator = torch.Generator().manual_seed(seed)
 
-    def make_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_batch(batch_size: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         positive_int(batch_size, "batch_size")
-        tokens = torch.randint(config.vocab_size, (batch_size, seq_len + 1), generator=generator, device="cpu")
+        if length is None:
+            length = seq_len if max_seq_len == seq_len else int(torch.randint(seq_len, max_seq_len + 1, (1,), generator=generator))
+        tokens = torch.randint(config.vocab_size, (batch_size, length + 1), generator=generator, device="cpu")
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def make_largest_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_batch(batch_size, max_seq_len)
 
     name = f"gpt-{preset}"
     if given:
         name += "(" + ",".join(f"{key}={value}" for key, value in given.items()) + ")"
-    return Workload(model, make_batch, name=name, default_batch_size=8, extras={"config": config, "seq_len": seq_len})
+    if max_seq_len != seq_len:
+        name += f"[seq_len={seq_len}-{max_seq_len}]"
+    return Workload(model, make_batch, name=name, default_batch_size=8, extras={"config": config, "seq_len": max_seq_len},
+                    make_largest_batch=make_largest_batch)
+
+
+def _seq_len_range(seq_len: int | str | None) -> tuple[int | None, int | None]:
+    """`seq_len` as (shortest, longest): an int gives (n, None); the text `"64-256"` gives (64, 256)."""
+    if not isinstance(seq_len, str):
+        return seq_len, None
+    low, sep, high = seq_len.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 0 < int(low) <= int(high):
+        raise BadInputError(f"gpt seq_len: expected a positive integer or a range like '64-256' (shortest-longest), got {seq_len!r}")
+    return int(low), int(high)
