@@ -208,7 +208,7 @@ def digits_cnn(*, seed: int = 0) -> Workload:
         evaluate=evaluate,
         name="digits-cnn",
         default_batch_size=64,
-        extras={"train": train},
+        extras={"train": train, "dataset": torch.utils.data.TensorDataset(x_train, y_train)},
     )
 
 
