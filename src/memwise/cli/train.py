@@ -1,6 +1,6 @@
 """`memwise train`: train with OOM recovery, checkpoints and resume."""
 
-import json
+import math
 import sys
 from pathlib import Path
 
@@ -8,81 +8,99 @@ import click
 
 from memwise.cli.common import (
     EXIT_INFEASIBLE,
+    EXIT_INTERRUPTED,
+    apply_seed,
+    build_recipe,
+    check_output_directory,
     emit_json,
     format_option,
     handle_errors,
     load_spec,
+    seed_option,
+    train_recipe_options,
 )
 
 
 @click.command("train")
 @click.argument("spec")
-@click.option("--steps", type=int, required=True, help="Optimizer steps to reach.")
-@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A JSON recipe (the fields of memwise.Recipe).")
-@click.option("--batch-size", type=int, default=None, help="Effective batch size (overrides the recipe file).")
-@click.option("--micro-batch-size", type=int, default=None, help="Micro-batch to start from (overrides the recipe file).")
+@click.option("--steps", type=int, required=True, help="Optimizer steps to reach (with --resume: the total, counting those done).")
+@train_recipe_options
 @click.option("--budget", default=None, metavar="SIZE", help="Memory budget, e.g. 2GiB: going over it counts as an OOM.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where to keep memwise-train.pt.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to keep the last two checkpoints (memwise-train-stepNNNNNNNNN.pt); the run locks it.")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Write a checkpoint every K steps.")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the workload function (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in --checkpoint-dir (same spec, args, recipe and seed).")
+@click.option("--overwrite", is_flag=True, help="Start over in a --checkpoint-dir that holds a checkpoint (deletes it).")
+@click.option("--stop-on-nonfinite", is_flag=True, help="Stop (exit 1) at the first NaN/inf loss, keeping the last good checkpoint.")
+@seed_option
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @format_option
 @handle_errors
-def train_command(spec, steps, recipe_file, batch_size, micro_batch_size, budget, checkpoint_dir, checkpoint_every, resume, device, args, output_format):
-    """Train SPEC for --steps steps; on out-of-memory, halve the micro-batch, double accumulation
+def train_command(spec, steps, args, budget, checkpoint_dir, checkpoint_every, resume, overwrite, stop_on_nonfinite, seed,
+                  device, output_format, **recipe_options):
+    """Train SPEC up to --steps steps; on out-of-memory, halve the micro-batch, double accumulation
     (the effective batch is kept) and redo the same step on the same samples.
+
+    A resumed run trains on the same samples and reaches the same weights as an uninterrupted one.
+    Ctrl-C finishes the step, writes a checkpoint (with --checkpoint-dir) and exits 130. Exit 3:
+    the budget cannot fit a step even with a micro-batch of 1.
 
     \b
     Example:
-      memwise train gpt --arg preset=tiny --steps 20 --batch-size 16 --budget 64MiB --checkpoint-dir ckpt
-      memwise train gpt --arg preset=tiny --steps 40 --batch-size 16 --checkpoint-dir ckpt --resume
+      memwise train gpt --arg preset=tiny --steps 20 --batch-size 16 --budget 4MiB --checkpoint-dir ckpt --seed 0
+      memwise train gpt --arg preset=tiny --steps 40 --batch-size 16 --budget 4MiB --checkpoint-dir ckpt --seed 0 --resume
     """
     from memwise.core.errors import BadInputError
+    from memwise.core.step import run_device
     from memwise.core.units import format_bytes, parse_size
     from memwise.train.runner import InfeasibleBudgetError, train
+    from memwise.workloads import parse_args
 
-    recipe = _read_recipe(recipe_file)
-    changes = {key: value for key, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)) if value is not None}
-    for key, value in changes.items():
-        if value <= 0:
-            raise BadInputError(f"--{key.replace('_', '-')}: must be a positive integer, got {value}")
-    recipe = recipe.replace(**changes)
+    if steps <= 0:
+        raise BadInputError(f"--steps: must be a positive integer, got {steps}")
+    check_output_directory(checkpoint_dir, "--checkpoint-dir")
+    run_device(device)
+    recipe = build_recipe(recipe_options)
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
+    apply_seed(seed)
     workload = load_spec(spec, args)
+    identity = {"spec": spec, "args": parse_args(args)}
 
     def log(record: dict) -> None:
-        if record["event"] == "oom":
+        event = record["event"]
+        if event == "oom":
             click.echo(f"step {record['step']}: out of memory; micro-batch {record['micro_batch_size_before']} -> "
                        f"{record['micro_batch_size_after']}, redoing the step", err=True)
-        else:
+        elif event == "step":
             click.echo(f"step {record['step']}: loss {record['loss']:.4f}, micro-batch {record['micro_batch_size']}, "
                        f"peak {format_bytes(record['peak_bytes'])}", err=True)
+        elif event == "nonfinite":
+            click.echo(f"memwise: warning: step {record['step']}: the loss is {record['loss']} (not finite)", err=True)
+        elif event == "warning":
+            click.echo(f"memwise: warning: {record['message']}", err=True)
+        elif event == "resumed":
+            click.echo(f"resuming from {record['path']} after step {record['steps_done']}", err=True)
+        elif event == "target_reached":
+            click.echo(f"the checkpoint has {record['steps_done']} steps done, already at --steps {record['steps']} or "
+                       "beyond: nothing to train (raise --steps to go on)", err=True)
+        elif event == "interrupted":
+            where = f", checkpoint in {checkpoint_dir}" if checkpoint_dir is not None else ""
+            click.echo(f"interrupted after {record['steps_done']} steps{where}", err=True)
 
     try:
         result = train(workload, recipe, steps, budget_bytes=budget_bytes, checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=checkpoint_every, resume=resume, device=device, log=log)
+                       checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite, seed=seed,
+                       stop_on_nonfinite=stop_on_nonfinite, workload_identity=identity, device=device, log=log)
     except InfeasibleBudgetError as error:
-        click.echo(f"memwise: infeasible: {error} (minimum {error.minimum_bytes} bytes)", err=True)
+        minimum = f" (minimum {error.minimum_bytes} bytes)" if error.minimum_bytes is not None else ""
+        click.echo(f"memwise: infeasible: {error}{minimum}", err=True)
         sys.exit(EXIT_INFEASIBLE)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
     if output_format == "json":
         emit_json(result.to_dict())
         return
-    click.echo(f"{result.steps_done} steps, final loss {result.loss_history[-1]:.4f}, peak {format_bytes(result.peak_bytes)}, "
-               f"{len(result.oom_events)} OOM recoveries, final micro-batch {result.final_recipe.micro_batch_size}")
-
-
-def _read_recipe(path: Path | None):
-    from memwise.core.errors import BadInputError
-    from memwise.core.recipe import Recipe
-
-    if path is None:
-        return Recipe()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"--recipe: file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise BadInputError(f"--recipe: {str(path)!r} is not valid JSON ({error})") from None
-    return Recipe.from_dict(data)
+    final = result.loss_history[-1] if result.loss_history else math.nan
+    click.echo(f"{result.steps_done} steps, final loss {final:.4f}, peak {format_bytes(result.peak_bytes)}, "
+               f"{len(result.oom_events)} OOM recoveries, final micro-batch {result.final_recipe.micro_batch_size}"
+               + (f", non-finite loss at steps {list(result.nonfinite_loss_steps)}" if result.nonfinite_loss_steps else ""))

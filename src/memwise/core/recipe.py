@@ -74,6 +74,32 @@ class OptimizerName(str, enum.Enum):
     ADAMW = "adamw"
 
 
+# The settings of the built-in optimizers (torch's defaults for the rest), and how --help names them.
+OPTIMIZER_SETTINGS: dict[OptimizerName, dict[str, float]] = {
+    OptimizerName.SGD: {"lr": 1e-3, "momentum": 0.9},
+    OptimizerName.ADAM: {"lr": 1e-3},
+    OptimizerName.ADAMW: {"lr": 1e-3},
+}
+OPTIMIZER_DESCRIPTIONS: dict[OptimizerName, str] = {
+    OptimizerName.SGD: "SGD with momentum 0.9, lr 1e-3",
+    OptimizerName.ADAM: "Adam, lr 1e-3, betas (0.9, 0.999), no weight decay",
+    OptimizerName.ADAMW: "AdamW, lr 1e-3, betas (0.9, 0.999), weight decay 0.01",
+}
+
+
+class OptimizerImpl(str, enum.Enum):
+    """Which kernel family runs a built-in optimizer's update (unset: torch's default).
+
+    `foreach`: multi-tensor kernels over all parameters at once (fast; temporaries as large as the
+    parameters); `fused`: one fused kernel per parameter group (fastest, fewest temporaries);
+    `for-loop`: one parameter at a time (slowest, smallest temporaries).
+    """
+
+    FOREACH = "foreach"
+    FUSED = "fused"
+    FOR_LOOP = "for-loop"
+
+
 class Mode(str, enum.Enum):
     """What a step does: `train` (forward, loss, backward, optimizer) or `infer` (forward only)."""
 
@@ -108,6 +134,8 @@ class Recipe:
         optimizer: `sgd`, `adam`, `adamw`; None means the workload's own optimizer factory,
             or AdamW(lr=1e-3) when it has none.
         optimizer_state: `fp32`, `bf16` or `8bit` moments for Adam/AdamW.
+        optimizer_impl: see `OptimizerImpl`; None keeps torch's default (foreach on CUDA, for-loop
+            on CPU). Applies to torch's built-in optimizers only.
         offload: see `OffloadMode` (a no-op where the device is the host).
         allocator: CUDA caching-allocator settings in PYTORCH_CUDA_ALLOC_CONF form, e.g.
             `expandable_segments:True,max_split_size_mb:128` (reported and ignored on CPU).
@@ -123,10 +151,14 @@ class Recipe:
     checkpoint_modules: tuple[str, ...] = ()
     optimizer: OptimizerName | None = None
     optimizer_state: OptimizerStateDtype = OptimizerStateDtype.FP32
+    optimizer_impl: OptimizerImpl | None = None
     offload: OffloadMode = OffloadMode.NONE
     allocator: str = ""
     zero_grad_set_to_none: bool = True
     sdpa_backend: SdpaBackend = SdpaBackend.AUTO
+
+    # derived values written to JSON and checked on reading (see core/serialize.py)
+    json_derived = ("grad_accumulation_steps",)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "micro_batch_size"):
@@ -144,8 +176,14 @@ class Recipe:
         for name, enum_type in (("precision", Precision), ("checkpoint", CheckpointMode), ("optimizer_state", OptimizerStateDtype),
                                 ("offload", OffloadMode), ("sdpa_backend", SdpaBackend)):
             object.__setattr__(self, name, _coerce_enum(enum_type, getattr(self, name), name))
-        if self.optimizer is not None:
-            object.__setattr__(self, "optimizer", _coerce_enum(OptimizerName, self.optimizer, "optimizer"))
+        for name, enum_type in (("optimizer", OptimizerName), ("optimizer_impl", OptimizerImpl)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _coerce_enum(enum_type, getattr(self, name), name))
+        if self.optimizer_impl is not None and self.optimizer_state != OptimizerStateDtype.FP32:
+            raise BadInputError(
+                f"optimizer_impl: {self.optimizer_impl.value!r} applies to torch's built-in optimizers, but "
+                f"optimizer_state={self.optimizer_state.value} runs memwise's own low-precision Adam; leave optimizer_impl unset"
+            )
         if not isinstance(self.zero_grad_set_to_none, bool):
             raise BadInputError(f"zero_grad_set_to_none: expected true or false, got {self.zero_grad_set_to_none!r}")
         if not isinstance(self.allocator, str):
@@ -163,8 +201,10 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON, plus the derived `grad_accumulation_steps`."""
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Builds a Recipe; a `grad_accumulation_steps` key must agree with batch_size / micro_batch_size."""
         return from_dict(cls, data, where="recipe")

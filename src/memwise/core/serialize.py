@@ -28,7 +28,9 @@ def to_dict(obj: Any) -> Any:
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {field.name: _plain(getattr(obj, field.name)) for field in dataclasses.fields(obj)}
+        fields = {field.name: _plain(getattr(obj, field.name)) for field in dataclasses.fields(obj)}
+        # `json_derived`: read-only properties a reader of the JSON needs (Recipe.grad_accumulation_steps)
+        return {**fields, **{name: _plain(getattr(obj, name)) for name in getattr(obj, "json_derived", ())}}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, dict):
@@ -44,7 +46,8 @@ def from_dict(cls: type[T], data: Any, *, where: str | None = None) -> T:
     if not isinstance(data, dict):
         raise BadInputError(f"{where}: expected a JSON object, got {type(data).__name__}")
     known = {field.name: field for field in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known) - {"version"})
+    derived = set(getattr(cls, "json_derived", ()))
+    unknown = sorted(set(data) - set(known) - {"version"} - derived)
     if unknown:
         raise BadInputError(
             f"{where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(known))}"
@@ -56,7 +59,11 @@ def from_dict(cls: type[T], data: Any, *, where: str | None = None) -> T:
     kwargs = {
         name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items() if name in known
     }
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    for name in sorted(derived & set(data)):
+        if data[name] != getattr(built, name):
+            raise BadInputError(f"{where}: {name} is {data[name]!r} but the other fields give {getattr(built, name)!r}")
+    return built
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:

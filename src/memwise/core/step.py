@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import Mode, OptimizerName, Precision, Recipe
+from memwise.core.recipe import (
+    OPTIMIZER_SETTINGS,
+    Mode,
+    OptimizerImpl,
+    OptimizerName,
+    Precision,
+    Recipe,
+)
 from memwise.core.strategy import apply_, forward_context, optimizer_builder
 from memwise.core.workload import (
     Workload,
@@ -24,10 +31,15 @@ from memwise.core.workload import (
 PhaseCallback = Callable[[str], None]
 BatchCallback = Callable[[Any], None]
 
-_OPTIMIZERS: dict[OptimizerName, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
-    OptimizerName.SGD: lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
-    OptimizerName.ADAM: lambda params: torch.optim.Adam(params, lr=1e-3),
-    OptimizerName.ADAMW: lambda params: torch.optim.AdamW(params, lr=1e-3),
+_OPTIMIZERS: dict[OptimizerName, type[torch.optim.Optimizer]] = {
+    OptimizerName.SGD: torch.optim.SGD,
+    OptimizerName.ADAM: torch.optim.Adam,
+    OptimizerName.ADAMW: torch.optim.AdamW,
+}
+_IMPL_OPTIONS = {
+    OptimizerImpl.FOREACH: {"foreach": True},
+    OptimizerImpl.FUSED: {"fused": True},
+    OptimizerImpl.FOR_LOOP: {"foreach": False},
 }
 
 
@@ -37,20 +49,37 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The recipe's optimizer over `params` (default: `model`'s trainable ones), the workload's own when unset.
 
-    `foreach` forces the multi-tensor implementation on or off for the built-in optimizers (None
-    keeps torch's default: on for CUDA parameters, off for CPU ones).
+    `recipe.optimizer_impl` picks the kernels (`foreach`, `fused`, `for-loop`). Without it,
+    `foreach` forces the multi-tensor implementation on or off (None keeps torch's default: on for
+    CUDA parameters, off for CPU ones).
     """
     if params is None:
         params = [param for param in model.parameters() if param.requires_grad]
     if not params:
         raise BadInputError(f"workload {workload.name!r}: the model has no trainable parameters; use mode 'infer'")
+    impl = _IMPL_OPTIONS[recipe.optimizer_impl] if recipe.optimizer_impl is not None else {}
     if recipe.optimizer is None and workload.optimizer_factory is not None:
-        return workload.optimizer_factory(params)
-    optimizer = _OPTIMIZERS[recipe.optimizer or OptimizerName.ADAMW](params)
-    if foreach is not None:
+        optimizer = workload.optimizer_factory(params)
+        if impl:
+            _set_impl(optimizer, recipe.optimizer_impl, impl)
+        return optimizer
+    name = recipe.optimizer or OptimizerName.ADAMW
+    optimizer = _OPTIMIZERS[name](params, **OPTIMIZER_SETTINGS[name], **impl)
+    if not impl and foreach is not None:
         for group in optimizer.param_groups:
             group["foreach"] = foreach
     return optimizer
+
+
+def _set_impl(optimizer: torch.optim.Optimizer, name: OptimizerImpl, options: dict[str, bool]) -> None:
+    """Sets foreach/fused on a workload's own optimizer, which must be one of torch's that has them."""
+    if not all(key in optimizer.defaults for key in ("foreach", "fused")):
+        raise BadInputError(
+            f"optimizer_impl: {name.value!r} needs one of torch's built-in optimizers with foreach/fused options; "
+            f"the workload's optimizer is {type(optimizer).__name__}: leave optimizer_impl unset or set optimizer"
+        )
+    for group in optimizer.param_groups:
+        group.update({"foreach": None, "fused": None, **options})
 
 
 class StepRunner:
@@ -127,8 +156,9 @@ class StepRunner:
             self.on_phase("idle")
             return None
         self.model.train()
+        # The batch stays alive through backward and the optimizer step, as in a user's
+        # `for batch in loader:` loop; each micro-batch (a view of it) until its backward is done.
         micro_batches = split_batch(batch, self.recipe.micro_batch_size or self.recipe.batch_size)
-        del batch
         passes = len(micro_batches)
         loss_total = None
         while micro_batches:
@@ -136,7 +166,6 @@ class StepRunner:
             self.on_phase("forward")
             with forward_context(self.recipe, self.device, self.handle):
                 loss = loss_from_output(call_model(self.model, micro_batch), micro_batch, self.workload.loss_fn)
-            del micro_batch
             if passes > 1:
                 loss = loss / passes
             self.on_phase("backward")
@@ -145,7 +174,7 @@ class StepRunner:
             else:
                 loss.backward()
             loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
-            del loss
+            del loss, micro_batch
         self.on_phase("optimizer")
         if self.scaler is not None:
             if hasattr(self.optimizer, "sync_grads"):  # master weights: unscale their gradients
@@ -163,6 +192,19 @@ def _is_fake(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(tensor, FakeTensor)
+
+
+def run_device(device: str | torch.device) -> torch.device:
+    """The device real steps run on, checked: `cpu` or an available `cuda[:N]`."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"device: cannot read {device!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("device: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInputError(f"device: {device.type!r} is not supported for real steps; use cpu or cuda[:N]")
+    return device
 
 
 def resolve_recipe(workload: Workload, recipe: Recipe | None) -> Recipe:
