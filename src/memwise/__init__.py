@@ -1,27 +1,68 @@
-"""memwise: make PyTorch training and inference fit the memory you have, and show what every byte costs."""
+"""memwise: make PyTorch training and inference fit the memory you have, and show what every byte costs.
 
-from memwise import strategies  # noqa: F401  (registers the strategies)
-from memwise.core.recipe import (
-    CheckpointMode,
-    Mode,
-    OffloadMode,
-    OptimizerName,
-    OptimizerStateDtype,
-    Precision,
-    Recipe,
-    SdpaBackend,
-)
-from memwise.core.strategy import Handle, apply_
-from memwise.core.units import format_bytes, parse_size
-from memwise.core.workload import Workload
-from memwise.estimate.estimator import Estimate, estimate
-from memwise.measure.profile import Profile, profile
-from memwise.train import TrainResult, train
-from memwise.workloads import load_workload
+Public names are imported on first use (PEP 562), so `import memwise` and `memwise --help` do not
+load torch, transformers and every subsystem up front.
+"""
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointMode", "Estimate", "Handle", "Mode", "OffloadMode", "OptimizerStateDtype", "SdpaBackend", "apply_", "OptimizerName", "Precision", "Profile", "Recipe", "Workload",
-    "estimate", "format_bytes", "load_workload", "parse_size", "profile", "train", "TrainResult",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointMode": "memwise.core.recipe",
+    "Mode": "memwise.core.recipe",
+    "OffloadMode": "memwise.core.recipe",
+    "OptimizerName": "memwise.core.recipe",
+    "OptimizerStateDtype": "memwise.core.recipe",
+    "Precision": "memwise.core.recipe",
+    "Recipe": "memwise.core.recipe",
+    "SdpaBackend": "memwise.core.recipe",
+    "Handle": "memwise.core.strategy",
+    "apply_": "memwise.core.strategy",
+    "format_bytes": "memwise.core.units",
+    "parse_size": "memwise.core.units",
+    "Workload": "memwise.core.workload",
+    "Estimate": "memwise.estimate.estimator",
+    "estimate": "memwise.estimate.estimator",
+    "Profile": "memwise.measure.profile",
+    "profile": "memwise.measure.profile",
+    "TrainResult": "memwise.train",
+    "train": "memwise.train",
+    "load_workload": "memwise.workloads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups find it directly
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # a subpackage, e.g. memwise.strategies
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module 'memwise' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the subpackage `memwise.estimate` (or `memwise.train`) makes the import system
+        # set it as an attribute here; the public `memwise.estimate` is the function, as before.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

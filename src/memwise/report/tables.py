@@ -188,6 +188,11 @@ def assumptions_of(result: Any) -> list[str]:
     return [str(item) for item in (_optional(result, "assumptions") or [])]
 
 
+def notes_of(result: Any) -> list[str]:
+    """What the recipe's strategies said about the run (`notes`; empty when there are none)."""
+    return [str(item) for item in (_optional(result, "notes") or [])]
+
+
 def summary_table(result: Any) -> Table:
     """The summary as a rich table."""
     return _rich_table(summary_content(result), show_header=False)
@@ -216,6 +221,11 @@ def render_terminal(result: Any, console: Console) -> None:
         console.print(Text("Assumptions", style="bold"))
         for assumption in assumptions:
             console.print(Text(f"  - {assumption}"))
+    notes = notes_of(result)
+    if notes:
+        console.print(Text("Notes", style="bold"))
+        for note in notes:
+            console.print(Text(f"  - {note}"))
 
 
 def render_markdown(result: Any) -> str:
@@ -231,6 +241,9 @@ def render_markdown(result: Any) -> str:
     assumptions = assumptions_of(result)
     if assumptions:
         parts.append("## Assumptions\n\n" + "\n".join(f"- {_md_text(item)}" for item in assumptions))
+    notes = notes_of(result)
+    if notes:
+        parts.append("## Notes\n\n" + "\n".join(f"- {_md_text(item)}" for item in notes))
     return "\n\n".join(parts) + "\n"
 
 
