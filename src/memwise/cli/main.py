@@ -20,7 +20,9 @@ COMMANDS = {
     "train": "memwise.cli.train:train_command",
     "report": "memwise.cli.report:report_command",
     "demo": "memwise.cli.demo:demo",
+    "doctor": "memwise.cli.doctor:doctor_command",
     "tune-loader": "memwise.cli.tune_loader:tune_loader_command",
+    "export": "memwise.cli.export:export_command",
 }
 
 
