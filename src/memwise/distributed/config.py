@@ -1,0 +1,70 @@
+"""What a distributed run is: the strategy, the workload spec and the recipe every rank runs."""
+
+import dataclasses
+import enum
+from typing import Any
+
+from memwise.core.checks import positive_int
+from memwise.core.errors import BadInputError
+from memwise.core.recipe import Recipe
+from memwise.core.serialize import from_dict, to_dict
+
+
+class DistStrategy(str, enum.Enum):
+    """How ranks share the model: `ddp` (a full replica per rank, gradients all-reduced) or `fsdp`
+    (FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded over the ranks)."""
+
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+def coerce_strategy(value: Any) -> DistStrategy:
+    """`value` as a DistStrategy, or a BadInputError naming the valid ones."""
+    try:
+        return DistStrategy(value)
+    except ValueError:
+        raise BadInputError(f"strategy: invalid value {value!r}; valid values are ddp, fsdp") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedTrainConfig:
+    """Everything a rank needs to run its part of `memwise train --nproc N --strategy S`.
+
+    Attributes:
+        spec: the workload spec (built-in name, file.py:function or module:function).
+        args: keyword arguments of the workload function.
+        recipe: the recipe; `batch_size` is the global batch, split evenly over the ranks.
+        steps: optimizer steps to run.
+        strategy: see `DistStrategy`.
+        device: `cpu` (gloo) or `cuda` (nccl, one GPU per local rank).
+        checkpoint_dir: where each rank keeps `memwise-train-rank<r>.pt` (atomically replaced), or None.
+        checkpoint_every: write the checkpoints every K steps and at the end.
+        measure_steps: the first steps measured with the allocator profiler (the rest run untracked).
+        result_path: where rank 0 writes the run's JSON (atomically), or None.
+    """
+
+    spec: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+    steps: int = 10
+    strategy: DistStrategy = DistStrategy.DDP
+    device: str = "cpu"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 10
+    measure_steps: int = 3
+    result_path: str | None = None
+
+    def __post_init__(self) -> None:
+        positive_int(self.steps, "steps")
+        positive_int(self.checkpoint_every, "checkpoint_every")
+        positive_int(self.measure_steps, "measure_steps")
+        object.__setattr__(self, "strategy", coerce_strategy(self.strategy))
+        if self.device not in ("cpu", "cuda"):
+            raise BadInputError(f"device: invalid value {self.device!r}; valid values are cpu, cuda")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DistributedTrainConfig":
+        return from_dict(cls, data, where="distributed train config")

@@ -1,0 +1,49 @@
+"""Results of distributed runs: rank 0's single-process fields plus every rank's memory."""
+
+import dataclasses
+from typing import Any
+
+from memwise.core.serialize import from_dict, to_dict
+from memwise.train.runner import TrainResult
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankMemory:
+    """One rank's measured (or estimated) memory.
+
+    Attributes:
+        rank: the global rank.
+        peak_bytes: the most bytes live at once on this rank over the measured steps (allocator
+            events; parameters, optimizer state and DDP's gradient buckets included).
+        by_category: bytes by category at that peak (see memwise.measure.memory_log).
+        step_ms: median wall time of a measured step (None for an estimate).
+    """
+
+    rank: int
+    peak_bytes: int
+    by_category: dict[str, int]
+    step_ms: float | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedTrainResult(TrainResult):
+    """A `TrainResult` for rank 0 (loss averaged over the ranks), plus every rank's memory.
+
+    Attributes:
+        nproc: the number of ranks (the world size).
+        strategy: `ddp` or `fsdp`.
+        ranks: per rank, its measured memory (by rank).
+        per_rank_peak_bytes: the peaks of `ranks`, by rank.
+    """
+
+    nproc: int
+    strategy: str
+    ranks: tuple[RankMemory, ...]
+    per_rank_peak_bytes: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DistributedTrainResult":
+        return from_dict(cls, data, where="distributed train result")

@@ -1,0 +1,212 @@
+"""One rank of `memwise train --nproc N --strategy S`, started by torchrun.
+
+`python -m memwise.distributed.worker CONFIG.json` (what `launch_train` runs under torchrun), or
+`memwise train ... --strategy S` typed after a torchrun command (multi-node): both call `run_rank`.
+"""
+
+import bisect
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from memwise.core.errors import BadInputError
+from memwise.core.recipe import Mode
+from memwise.core.step import StepRunner, resolve_recipe
+from memwise.core.workload import Workload, split_batch
+from memwise.distributed.config import DistributedTrainConfig, DistStrategy
+from memwise.distributed.result import DistributedTrainResult, RankMemory
+from memwise.distributed.wrap import wrap_model
+from memwise.measure.observer import StepObserver
+from memwise.measure.tracker import persistent_tensors, record_steps
+from memwise.report.atomic import write_atomic, write_atomic_with
+from memwise.workloads import load_workload
+
+
+def local_storage_key(tensor: torch.Tensor) -> int:
+    """The allocator key of a tensor's storage; for a DTensor (FSDP2), that of its local shard."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    return tensor.untyped_storage().data_ptr()
+
+
+def rank_recipe(recipe, world_size: int):
+    """The per-rank recipe: the global `batch_size` split evenly over `world_size` ranks."""
+    if recipe.batch_size % world_size:
+        raise BadInputError(f"--batch-size: the global batch {recipe.batch_size} does not split evenly over {world_size} ranks; "
+                            f"use a multiple of {world_size}")
+    local = recipe.batch_size // world_size
+    micro = recipe.micro_batch_size
+    if micro is not None and (micro > local or local % micro):
+        raise BadInputError(f"--micro-batch-size: {micro} must divide the per-rank batch {local} (global {recipe.batch_size} / {world_size} ranks)")
+    return recipe.replace(batch_size=local)
+
+
+def rank_slice(batch: Any, rank: int, world_size: int) -> Any:
+    """Rank `rank`'s share of a global batch: the `rank`-th of `world_size` equal parts along dim 0."""
+    from memwise.core.workload import batch_size_of
+
+    return split_batch(batch, batch_size_of(batch) // world_size)[rank]
+
+
+def error_path(result_path: str | None, rank: int) -> Path | None:
+    """Where rank `rank` writes why it failed, next to the run's result file."""
+    return Path(f"{result_path}.rank{rank}.error.json") if result_path else None
+
+
+def run_rank(config: DistributedTrainConfig, rank: int, world_size: int, local_rank: int) -> DistributedTrainResult | None:
+    """Runs this rank's part of the distributed training run; returns the result on rank 0, else None.
+
+    Every rank builds the same workload (same seed, same initial weights), draws the same global
+    batch from `make_batch` and keeps its own slice, so the ranks together see the batch a single
+    process would. The first `config.measure_steps` steps run under the allocator profiler; the
+    wrap itself runs inside it too, so DDP's gradient buckets (allocated at wrap time) and FSDP2's
+    shards are counted.
+    """
+    cuda = config.device == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    try:
+        return _run(config, rank, world_size, device)
+    except BaseException as error:
+        path = error_path(config.result_path, rank)
+        if path is not None:
+            write_atomic(path, json.dumps({"rank": rank, "type": type(error).__name__, "message": str(error),
+                                           "bad_input": isinstance(error, BadInputError)}).encode())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: torch.device) -> DistributedTrainResult | None:
+    workload = load_workload(config.spec, config.args)
+    recipe = resolve_recipe(workload, config.recipe)
+    local_recipe = rank_recipe(recipe, world_size)
+    model = workload.model.to(device)
+    persistent = persistent_tensors(model)
+    rank_workload = Workload(
+        model, lambda _: rank_slice(workload.make_batch(recipe.batch_size), rank, world_size),
+        workload.loss_fn, workload.optimizer_factory, name=workload.name, default_batch_size=local_recipe.batch_size,
+    )
+    state: dict[str, Any] = {}
+    losses: list[float] = []
+
+    def run_step(step: int, marker: Any) -> None:
+        if step == 0:  # the wrap and the optimizer, inside the profiled region
+            state["wrapped"] = wrapped = wrap_model(model, config.strategy, device, world_size)
+            observer = StepObserver(wrapped, local_storage_key)
+            observer.marker = marker
+            marker("claim", "param", [(local_storage_key(p), None) for p in wrapped.parameters()])
+            runner = StepRunner(rank_workload, local_recipe, Mode.TRAIN, wrapped, device,
+                                on_phase=observer.on_phase, on_batch=observer.on_batch)
+            observer.optimizer = runner.optimizer
+            state["runner"], state["observer"] = runner, observer
+            return
+        state["observer"].marker, state["observer"].step = marker, step - 1
+        losses.append(state["runner"].step(state["runner"].make_batch()))
+
+    measured = min(config.measure_steps, config.steps)
+    log, step_ms = record_steps(run_step, model, persistent, mode="train", steps=measured + 1, device=device)
+    _add_unseen_frees(log)
+    if config.strategy == DistStrategy.DDP:
+        _claim_wrap_buffers(log, "grad")
+    breakdown = log.summarize()
+    runner = state["runner"]
+    runner.on_phase = lambda phase: None
+    runner.on_batch = lambda batch: None
+    if measured % config.checkpoint_every == 0 or any(s % config.checkpoint_every == 0 for s in range(1, measured + 1)):
+        _save(config, rank, state["wrapped"], runner.optimizer, measured, losses)
+    for step in range(measured, config.steps):
+        losses.append(runner.step(runner.make_batch()))
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            _save(config, rank, state["wrapped"], runner.optimizer, step + 1, losses)
+    timed = step_ms[2:] if len(step_ms) > 2 else step_ms[1:]
+    memory = RankMemory(rank=rank, peak_bytes=breakdown.peak_bytes, by_category=dict(breakdown.by_category),
+                        step_ms=statistics.median(timed))
+    mean_losses = torch.tensor(losses, dtype=torch.float64, device=device)
+    dist.all_reduce(mean_losses)
+    mean_losses /= world_size
+    gathered: list[Any] = [None] * world_size if rank == 0 else None
+    dist.gather_object(memory, gathered, dst=0)
+    runner.close()
+    if rank != 0:
+        return None
+    ranks = tuple(sorted(gathered, key=lambda item: item.rank))
+    result = DistributedTrainResult(
+        steps_done=config.steps, oom_events=(), final_recipe=recipe, peak_bytes=memory.peak_bytes,
+        loss_history=tuple(float(loss) for loss in mean_losses.tolist()), memory=(),
+        nproc=world_size, strategy=config.strategy.value, ranks=ranks,
+        per_rank_peak_bytes=tuple(item.peak_bytes for item in ranks),
+    )
+    if config.result_path:
+        write_atomic(config.result_path, json.dumps(result.to_dict()).encode())
+    return result
+
+
+def _save(config: DistributedTrainConfig, rank: int, model: torch.nn.Module, optimizer: Any, steps_done: int, losses: list[float]) -> None:
+    if config.checkpoint_dir is None:
+        return
+    directory = Path(config.checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"version": 1, "rank": rank, "steps_done": steps_done, "loss_history": list(losses),
+               "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    write_atomic_with(directory / f"memwise-train-rank{rank}.pt", lambda handle: torch.save(payload, handle))
+
+
+def _add_unseen_frees(log: Any) -> None:
+    """Inserts the frees the profiler missed: an allocation at an address the log still holds live.
+
+    gloo runs collectives on its own threads, where the profiler records nothing: the input clone
+    that its reduce-scatter makes on the calling thread is freed on a worker thread. The allocator
+    cannot hand out a live address, so when it does, the earlier block was freed before; the free
+    is placed at the reuse (the latest it can have happened), so the peak errs high, not low.
+    """
+    live: set[Any] = set()
+    events, times = [], []
+    for event, time_ns in zip(log.events, log.times_ns):
+        kind = event[0]
+        if kind == "alloc":
+            if event[1] in live:
+                events.append(("free", event[1]))
+                times.append(time_ns)
+            live.add(event[1])
+        elif kind == "free":
+            live.discard(event[1])
+        events.append(event)
+        times.append(time_ns)
+    log.events[:], log.times_ns[:] = events, times
+
+
+def _claim_wrap_buffers(log: Any, category: str) -> None:
+    """Claims the blocks allocated before the first forward and still live then (DDP's gradient
+    buckets, made when the model is wrapped) as `category`."""
+    first_forward = next((i for i, event in enumerate(log.events) if event[0] == "phase" and event[1] == "forward"), None)
+    if first_forward is None:
+        return
+    live: dict[Any, int] = {}
+    for event in log.events[:first_forward]:
+        if event[0] == "alloc":
+            live[event[1]] = event[2]
+        elif event[0] == "free":
+            live.pop(event[1], None)
+    log.events.insert(first_forward, ("claim", category, [(key, None) for key in live]))
+    log.times_ns.insert(first_forward, log.times_ns[first_forward])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point under torchrun: reads the config file named on the command line, runs this rank."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = DistributedTrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
+    run_rank(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
