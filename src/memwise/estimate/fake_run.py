@@ -28,6 +28,7 @@ from memwise.core.recipe import Mode, OffloadMode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_autocast import cuda_autocast_rules
+from memwise.estimate.known_values import KnownValues, real_branches
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
 from memwise.measure.memory_log import HOST, ROOT_MODULE, MemoryLog
 from memwise.measure.observer import StepObserver
@@ -59,6 +60,7 @@ class FakeAllocations(TorchDispatchMode):
         self._pending_accumulation: tuple[int, weakref.ref, int, weakref.ref] | None = None
         self.offload_optimizer = False
         self.host_scope = False
+        self.known = KnownValues()
 
     def settle_accumulation(self) -> None:
         """Turns the last backward `add` into the in-place add the real run makes, if it was one.
@@ -129,6 +131,9 @@ class FakeAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is _ITEM:
+            value = self.known.scalar(args[0])
+            if value is not None:
+                return value
             if self.phase in ("optimizer", "idle"):
                 return 1.0 if args[0].dtype.is_floating_point else 1  # optimizer bookkeeping: value irrelevant
             raise self._error(func, "reads a tensor's value (.item() / int() / bool() on a tensor)")
@@ -148,6 +153,7 @@ class FakeAllocations(TorchDispatchMode):
             raise self._error(func, f"has no fake-tensor implementation ({error})") from None
         self.settle_accumulation()
         leaves = tree_flatten(output)[0]
+        self.known.propagate(func, args, kwargs, output, leaves)
         new_storages = []
         for position, value in enumerate(leaves):
             if isinstance(value, torch.Tensor):
@@ -275,7 +281,7 @@ def fake_step_log(
         offload = recipe.offload if offload_to_host else OffloadMode.NONE
         recorder.offload_optimizer = offload in (OffloadMode.OPTIMIZER, OffloadMode.ALL)
         saved_to_host = _saved_tensors_on_host(recorder) if offload in (OffloadMode.ACTIVATIONS, OffloadMode.ALL) else contextlib.nullcontext()
-        with rules, fake_mode, recorder, saved_to_host:
+        with rules, fake_mode, recorder, saved_to_host, real_branches(recorder.known):
             for step in range(steps):
                 observer.step = step
                 log.phase("idle", step)
