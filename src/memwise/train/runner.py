@@ -236,7 +236,8 @@ class _State:
     oom_events: list[OomEvent] = dataclasses.field(default_factory=list)
     memory: list[StepMemory] = dataclasses.field(default_factory=list)
     rng_at_start: dict[str, Any] | None = None
-    batch_digest: tuple[int, str] | None = None  # (step, digest) of the last batch before the checkpoint
+    # (step, digest, generator states before its make_batch) of the last batch before a checkpoint
+    batch_digest: tuple[int, str, dict[str, Any]] | None = None
 
 
 class _Run:
@@ -293,17 +294,30 @@ class _Run:
     def _replay_batches(self, state: _State) -> None:
         """Calls make_batch for every finished step from the start-of-run generator states (see module docstring)."""
         restore_rng(state.rng_at_start)
+        checked_step, digest, rng_before = state.batch_digest if state.batch_digest is not None else (None, None, None)
         for step in range(state.steps_done):
+            if step == checked_step:  # as the first run drew it (the steps in between also drew, e.g. for dropout)
+                restore_rng(rng_before)
             batch = self.workload.make_batch(state.recipe.batch_size)
-            if state.batch_digest is not None and state.batch_digest[0] == step and batch_digest(batch) != state.batch_digest[1]:
+            if step == checked_step and batch_digest(batch) != digest:
                 self._warn(
                     f"make_batch gave a different batch for step {step} than the interrupted run did: it is not "
                     "deterministic, or draws from a generator memwise cannot restore; the resumed run may see other samples"
                 )
             del batch
 
+    def _checkpoint_due(self, steps_done: int) -> bool:
+        return self.store is not None and (steps_done % self.checkpoint_every == 0 or steps_done == self.steps)
+
+    def _draw(self, state: _State, step: int) -> tuple[Any, tuple[int, str, dict[str, Any]] | None]:
+        """The batch of `step`; for a step that ends in a checkpoint, also its digest and the generator states before it."""
+        due = self._checkpoint_due(step + 1)
+        rng_before = capture_rng() if due else None
+        batch = self.workload.make_batch(state.recipe.batch_size)
+        return batch, ((step, batch_digest(batch), rng_before) if due else None)
+
     def _loop(self, state: _State, optimizer_state: dict[str, Any] | None, scaler_state: dict[str, Any] | None) -> TrainResult:
-        cpu_batch = self.workload.make_batch(state.recipe.batch_size)
+        cpu_batch, digest = self._draw(state, state.steps_done)
         if self.budget_bytes is not None:  # before the strategies patch the model: the estimate applies them itself
             self.minimum_bytes = self._minimum_bytes(state.recipe, cpu_batch)
             if self.budget_bytes < self.minimum_bytes:
@@ -329,10 +343,8 @@ class _Run:
                 saved_at = state.steps_done
                 while state.steps_done < self.steps:
                     step = state.steps_done
-                    checkpoint_due = self.store is not None and ((step + 1) % self.checkpoint_every == 0 or step + 1 == self.steps)
                     if cpu_batch is None:
-                        cpu_batch = self.workload.make_batch(state.recipe.batch_size)
-                    digest = batch_digest(cpu_batch) if checkpoint_due else None
+                        cpu_batch, digest = self._draw(state, step)
                     batch = move_batch(cpu_batch, self.device)
                     cpu_batch = None
                     guard.track(batch)
@@ -341,8 +353,8 @@ class _Run:
                     guard.track(list(_optimizer_tensors(runner.optimizer)))
                     self._record_step(state, step, loss, guard)
                     if digest is not None:
-                        state.batch_digest = (step, digest)
-                    if checkpoint_due:  # a non-finite loss with stop_on_nonfinite has raised before this
+                        state.batch_digest = digest
+                    if self._checkpoint_due(state.steps_done):  # a non-finite loss with stop_on_nonfinite has raised before this
                         self._save(state, runner)
                         saved_at = state.steps_done
                     if interrupt.requested:
