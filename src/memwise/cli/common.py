@@ -164,7 +164,7 @@ def load_spec(spec: str, args: tuple[str, ...]):
     return load_workload(spec, parse_args(args))
 
 
-_DEBUG_KEY = "memwise.debug"
+_DEBUG_KEY = "memwise.debug"  # also set by `memwise --debug` (cli/main.py)
 
 
 def _set_debug(context: click.Context, parameter: click.Parameter, value: bool) -> None:

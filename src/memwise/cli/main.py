@@ -86,8 +86,15 @@ def _shorten(text: str, limit: int) -> str:
     return text[: text.rfind(" ", 0, limit - 3)] + "..."
 
 
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["memwise.debug"] = True  # read by memwise.cli.common.handle_errors (every command also takes --debug)
+
+
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="memwise")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Print the full traceback behind an error.")
 def main() -> None:
     """memwise: make PyTorch training and inference fit the memory you have.
 

@@ -6,11 +6,14 @@ import click
 
 from memwise.cli.common import (
     StepProgress,
+    apply_seed,
     build_recipe,
+    check_output_directory,
     format_option,
     handle_errors,
     load_spec,
     recipe_options,
+    seed_option,
     show_result,
 )
 
@@ -21,10 +24,11 @@ from memwise.cli.common import (
 @click.option("--steps", type=int, default=3, show_default=True, help="Steps to measure.")
 @click.option("--verify", is_flag=True, help="Also run a plain torch.profiler pass and report its peak as reference_peak_bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@seed_option
 @format_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write profile.json, timeline.png and report.html here.")
 @handle_errors
-def profile_command(spec, mode, args, steps, verify, device, output_format, out, **recipe_options):
+def profile_command(spec, mode, args, steps, verify, device, seed, output_format, out, **recipe_options):
     """Measure the memory of real steps of SPEC: a built-in name, file.py:function or module:function.
 
     Totals come from the allocator's events; categories (param, grad, optimizer_state, activation,
@@ -39,8 +43,11 @@ def profile_command(spec, mode, args, steps, verify, device, output_format, out,
 
     if steps <= 0:
         raise BadInputError(f"--steps: must be a positive integer, got {steps}")
-    workload = load_spec(spec, args)
+    check_output_directory(out, "--out")
     recipe = build_recipe(recipe_options)
+    apply_seed(seed)  # before the model is built (its initial weights) and again before the steps
+    workload = load_spec(spec, args)
+    apply_seed(seed)
     progress = StepProgress(f"profiling {workload.name}")
     try:
         result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)
