@@ -33,6 +33,8 @@ _EXPORTS = {
     "TrainResult": "memwise.train",
     "train": "memwise.train",
     "load_workload": "memwise.workloads",
+    "watch": "memwise.measure.watch",
+    "WatchResult": "memwise.measure.watch",
 }
 
 __all__ = sorted(_EXPORTS)
