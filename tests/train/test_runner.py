@@ -103,3 +103,21 @@ def test_cli_train_infeasible_budget_exits_3():
     result = CliRunner().invoke(main, ["train", "gpt", "--arg", "preset=tiny", "--steps", "1", "--budget", "1KiB"])
     assert result.exit_code == 3
     assert "minimum" in result.output
+
+
+def test_a_model_the_estimator_cannot_follow_falls_back_to_the_state_it_holds(monkeypatch):
+    """Without an estimate, the minimum is parameters + gradients + Adam's two fp32 moments, counted here by hand."""
+    from memwise.estimate import estimator
+
+    def cannot(*args, **kwargs):
+        raise memwise.core.errors.SymbolicExecutionError("data-dependent shape")
+
+    monkeypatch.setattr(estimator, "estimate", cannot)
+    workload = _workload()
+    param_count = sum(p.numel() for p in workload.model.parameters())
+    warnings = []
+    with pytest.raises(InfeasibleBudgetError) as error:
+        memwise.train(workload, memwise.Recipe(batch_size=2, optimizer="adam"), 1, budget_bytes=1024,
+                      log=lambda record: warnings.append(record.get("message", "")))
+    assert error.value.minimum_bytes == 4 * param_count * 4
+    assert any("data-dependent shape" in message for message in warnings)

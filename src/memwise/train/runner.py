@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from memwise.core.checks import is_int, positive_int
 from memwise.core.errors import BadInputError, MemwiseError
-from memwise.core.recipe import Mode, Recipe
+from memwise.core.recipe import Mode, OptimizerName, OptimizerStateDtype, Recipe
 from memwise.core.rng import capture_rng, restore_rng, seed_all
 from memwise.core.serialize import from_dict, to_dict
 from memwise.core.step import StepRunner, resolve_recipe, run_device
@@ -408,6 +408,11 @@ class _Run:
         states = capture_rng()
         try:
             return estimate(one_sample, recipe.replace(batch_size=1, micro_batch_size=1), "cpu", what_if=False).peak_bytes
+        except Exception as error:  # e.g. data-dependent ops the fake run cannot follow: fall back to what is certain
+            floor = _state_bytes(self.model, recipe, self.workload)
+            self._warn(f"the minimum for --budget could not be estimated ({type(error).__name__}: {error}); it counts "
+                       f"only parameters, buffers, gradients and the built-in optimizers' state: {floor} bytes")
+            return floor
         finally:
             restore_rng(states)
 
@@ -527,6 +532,19 @@ class _InterruptAtBoundary:
         self.requested = True
         signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C is not deferred
         self.warn("interrupted: finishing this step, then writing a checkpoint (Ctrl-C again to stop now)")
+
+
+def _state_bytes(model: torch.nn.Module, recipe: Recipe, workload: Workload) -> int:
+    """A lower bound of what a step holds before activations: parameters, buffers, gradients, and the
+    optimizer state of the built-in optimizers (SGD: one momentum, Adam/AdamW: two moments, in the
+    recipe's optimizer_state precision); a workload's own optimizer counts as none."""
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in (*model.parameters(), *model.buffers())}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    grads = sum(param.numel() * param.element_size() for param in trainable)
+    name = recipe.optimizer or (None if workload.optimizer_factory is not None else OptimizerName.ADAMW)
+    moments = {OptimizerName.SGD: 1, OptimizerName.ADAM: 2, OptimizerName.ADAMW: 2}.get(name, 0)
+    moment_bytes = {OptimizerStateDtype.FP32: 4, OptimizerStateDtype.BF16: 2, OptimizerStateDtype.INT8: 1}[recipe.optimizer_state]
+    return sum(storages.values()) + grads + moments * moment_bytes * sum(param.numel() for param in trainable)
 
 
 def _optimizer_tensors(optimizer: Any):
