@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_workload": "memwise.workloads",
     "watch": "memwise.measure.watch",
     "WatchResult": "memwise.measure.watch",
+    "plan": "memwise.plan", "Plan": "memwise.plan", "find_batch_size": "memwise.plan", "BatchSizeResult": "memwise.plan",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,8 @@ COMMANDS = {
     "doctor": "memwise.cli.doctor:doctor_command",
     "tune-loader": "memwise.cli.tune_loader:tune_loader_command",
     "export": "memwise.cli.export:export_command",
+    "run": "memwise.cli.run:run_command",
+    "plan": "memwise.cli.plan:plan_command", "find-batch-size": "memwise.cli.plan:find_batch_size_command",
 }
 
 

@@ -1,0 +1,516 @@
+"""`plan`: the fastest recipe that fits a memory budget, found on the estimator, confirmed by real steps.
+
+The search runs over the joint space of `remedies.search_axes` (micro-batch with accumulation,
+precision, checkpointing, optimizer-state precision and implementation, offload and allocator
+settings for GPUs). Memory comes from `memwise.estimate` (cached per recipe); time from a
+`StepTimeModel` calibrated on this machine. Candidates are visited fastest first; one that a
+smaller, already-estimated candidate shows cannot fit is skipped without estimating it. The first
+candidate that fits wins (objective `throughput`), or the smallest peak (objective `memory`); it is
+then confirmed with `CONFIRM_STEPS` real steps under `memwise.profile`.
+"""
+
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import psutil
+
+from memwise.core.checks import positive_int
+from memwise.core.devices import DeviceSpec
+from memwise.core.errors import BadInputError, SymbolicExecutionError
+from memwise.core.recipe import Recipe
+from memwise.core.serialize import from_dict, to_dict
+from memwise.core.workload import Workload
+from memwise.estimate.estimator import Estimate, estimate, resolve_device
+from memwise.plan.fit import (
+    DEFAULT_MARGIN,
+    can_confirm,
+    check_budget,
+    confirm,
+    predicted_bytes,
+    predicted_fits,
+)
+from memwise.plan.input_sizing import DEFAULT_SAMPLES, InputSizing, LargestInput
+from memwise.plan.remedies import (
+    Candidate,
+    candidates,
+    describe,
+    divisors,
+    remedy_context,
+    search_axes,
+    uses_no_less_memory,
+)
+from memwise.plan.step_time import StepTimeModel, calibrate_step_time, default_step_time_model
+
+MAX_CONFIRMATIONS = 2
+DEFAULT_MAX_ESTIMATES = 40
+
+
+class PlanObjective(str, enum.Enum):
+    """What the planner optimizes among the recipes that fit: step time, or peak memory."""
+
+    THROUGHPUT = "throughput"
+    MEMORY = "memory"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanAlternative:
+    """One point of the memory/time frontier.
+
+    Attributes:
+        recipe: the candidate recipe.
+        description: its non-default settings in words.
+        predicted_peak_bytes: the estimator's figure compared with the budget.
+        predicted_step_ms: the step-time model's prediction.
+        fits: leaves the margin free within the budget.
+        chosen: the plan's recipe.
+    """
+
+    recipe: Recipe
+    description: str
+    predicted_peak_bytes: int
+    predicted_step_ms: float
+    fits: bool
+    chosen: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanReason:
+    """Why a budget is infeasible: the smallest peak memwise reaches, its recipe, what dominates it."""
+
+    message: str
+    min_peak_bytes: int
+    recipe: Recipe
+    dominant_category: str
+    dominant_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The recipe to run under a memory budget. Frozen; round-trips through JSON.
+
+    Attributes:
+        feasible: a recipe fits (predicted with the margin, and confirmed when confirmation ran).
+        budget_bytes: the budget planned for.
+        recipe: the chosen recipe (when infeasible: the one with the smallest peak).
+        predicted_peak_bytes: the estimator's figure for `recipe` (CPU: allocator peak; GPU:
+            reserved + CUDA context).
+        measured_peak_bytes: the same figure measured by real steps, None when not confirmed.
+        predicted_step_ms: the step-time model's prediction for `recipe`.
+        alternatives: the Pareto frontier of predicted memory against predicted time over the
+            candidates estimated, fastest first.
+        real_steps: real steps run to confirm (memory); calibration steps are in `calibration_steps`.
+        reason: when infeasible, why.
+        workload, device, objective, effective_batch_size: what was planned.
+        sized_for: the input the plan was sized for.
+        calibration_steps: real steps timed to calibrate the step-time model.
+        estimates: estimator runs.
+        notes: what the plan assumed or could not do.
+        elapsed_s: wall time of planning.
+    """
+
+    feasible: bool
+    budget_bytes: int
+    recipe: Recipe
+    predicted_peak_bytes: int
+    measured_peak_bytes: int | None
+    predicted_step_ms: float
+    alternatives: tuple[PlanAlternative, ...]
+    real_steps: int
+    reason: PlanReason | None
+    workload: str
+    device: str
+    objective: PlanObjective
+    effective_batch_size: int
+    sized_for: InputSizing
+    calibration_steps: int
+    estimates: int
+    notes: tuple[str, ...]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return from_dict(cls, data, where="plan")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scored:
+    candidate: Candidate
+    estimate: Estimate
+    step_ms: float
+
+
+class Planner:
+    """Plans one workload for one device, for any number of budgets, sharing estimates and timings.
+
+    `memwise.plan` makes one per call; reuse a Planner to plan several budgets cheaply (estimates
+    are cached per recipe, the step-time model is calibrated once).
+
+    Args:
+        workload: what to run (training steps).
+        device: `cpu`, a GPU name from the catalog, or a DeviceSpec.
+        effective_batch_size: samples per optimizer step every candidate keeps (default: the
+            workload's `default_batch_size`).
+        allow: restricts the search, by Recipe field, to the listed values (see `remedies.search_axes`).
+        margin: the fraction of the budget a predicted peak must leave free.
+        samples: draws of `make_batch` to find the largest input when the workload declares none.
+        max_estimates: the most estimator runs one `plan()` may start.
+        time_model: a ready StepTimeModel (skips calibration).
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        device: str | DeviceSpec = "cpu",
+        *,
+        effective_batch_size: int | None = None,
+        allow: Mapping[str, Sequence[Any]] | None = None,
+        margin: float = DEFAULT_MARGIN,
+        samples: int = DEFAULT_SAMPLES,
+        max_estimates: int = DEFAULT_MAX_ESTIMATES,
+        time_model: StepTimeModel | None = None,
+    ) -> None:
+        if not isinstance(workload, Workload):
+            raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
+        check_budget(1, margin)
+        positive_int(samples, "samples")
+        positive_int(max_estimates, "max_estimates")
+        batch = workload.default_batch_size if effective_batch_size is None else positive_int(effective_batch_size, "effective_batch_size")
+        self.workload = workload
+        self.spec = resolve_device(device)
+        self.margin = margin
+        self.max_estimates = max_estimates
+        self.inputs = LargestInput(workload, samples=samples)
+        self.base = Recipe(batch_size=batch)
+        context = remedy_context(self.base, train=True, gpu=self.spec.kind == "cuda",
+                                 has_optimizer_factory=workload.optimizer_factory is not None)
+        self.axes = search_axes(self.base, context, allow=allow)
+        self.candidates = list(candidates(self.base, self.axes))
+        self.labels = {c.choice: [axis.values[i].label for axis, i in zip(self.axes, c.choice)] for c in self.candidates}
+        self._estimates: dict[Recipe, Estimate | None] = {}
+        self._estimate_count = 0
+        self._time_model = time_model
+        self._order: list[Candidate] | None = None
+        self.notes: list[str] = []
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.base.batch_size
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    def estimate(self, recipe: Recipe) -> Estimate | None:
+        """The cached estimate of `recipe` on the largest input; None when this recipe cannot be estimated."""
+        if recipe not in self._estimates:
+            self._estimate_count += 1
+            try:
+                self._estimates[recipe] = estimate(self.inputs.workload, recipe, self.spec, what_if=False)
+            except (SymbolicExecutionError, BadInputError, RuntimeError, TypeError, ValueError) as error:
+                if not any(value is not None for value in self._estimates.values()):
+                    raise  # nothing estimates: the workload's own error, reported as such
+                self._estimates[recipe] = None
+                self.notes.append(f"skipped {recipe_text(recipe)}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return self._estimates[recipe]
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def time_model(self) -> StepTimeModel:
+        """The step-time model, calibrated on first use by timing real steps on this machine's CPU."""
+        if self._time_model is None:
+            micro = max(1, min(self.effective_batch_size // 4, 4))
+            if self._can_run_here(micro):
+                self._time_model = calibrate_step_time(self.inputs.workload, self.base, self.axes, micro_batch_size=micro)
+            else:
+                self._time_model = default_step_time_model(self.axes)
+                self.notes.append("step times use default relative costs: the model is too large to time on this machine")
+        return self._time_model
+
+    def _can_run_here(self, micro: int) -> bool:
+        params = list(self.workload.model.parameters())
+        if any(param.is_meta for param in params):
+            return False
+        param_bytes = sum(param.numel() * param.element_size() for param in params)
+        # parameters, gradients, two Adam moments and a small batch's activations, with room to spare
+        return 8 * param_bytes < 0.25 * psutil.virtual_memory().available
+
+    def step_ms(self, candidate: Candidate) -> float:
+        """Predicted step time of `candidate` in ms."""
+        model = self.time_model()
+        transfer = 0
+        offload = candidate.recipe.offload.value
+        if offload != "none":
+            plain = self.estimate(self.base)
+            categories = plain.by_category if plain is not None else {}
+            if offload in ("optimizer", "all"):
+                transfer += 2 * (categories.get("grad", 0) + categories.get("param", 0))
+            if offload in ("activations", "all"):
+                transfer += 2 * categories.get("activation", 0)
+        return model.predict_ms(candidate.recipe, self.labels[candidate.choice], transfer_bytes=transfer)
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def smallest_candidates(self) -> list[Candidate]:
+        """The candidates with the highest memory rank on every axis (one per incomparable mix)."""
+        top = [max(value.memory_rank for value in axis.values) for axis in self.axes]
+        return [
+            c for c in self.candidates
+            if all(axis.values[i].memory_rank == rank for axis, i, rank in zip(self.axes, c.choice, top))
+        ]
+
+    def plan(
+        self, budget_bytes: int, objective: PlanObjective | str = PlanObjective.THROUGHPUT, *, confirm_steps: bool = True,
+    ) -> Plan:
+        """Plans for `budget_bytes` (see `memwise.plan`); `confirm_steps=False` skips the real steps."""
+        started = time.perf_counter()
+        check_budget(budget_bytes, self.margin)
+        objective = _objective(objective)
+        notes = list(self.notes)
+        if self.spec.kind == "cuda" and budget_bytes > self.spec.memory_bytes:
+            notes.append(f"budget {budget_bytes} bytes is more than the {self.spec.name}'s {self.spec.memory_bytes}; planned for the device's capacity")
+            budget_bytes = self.spec.memory_bytes
+        count_before = self._estimate_count
+        time_model = self.time_model()
+        smallest = [s for s in (self._score(c) for c in self.smallest_candidates()) if s is not None]
+        if not smallest:
+            raise BadInputError("plan: no candidate recipe could be estimated for this workload; see the notes of `memwise estimate`")
+        floor = min(smallest, key=lambda s: (predicted_bytes(s.estimate), s.step_ms))
+
+        def fits(scored: _Scored, scale: float) -> bool:
+            # `scale` >= 1: after a failed confirmation, predictions are raised by the measured/predicted ratio
+            return predicted_bytes(scored.estimate) * scale <= budget_bytes * (1 - self.margin)
+
+        chosen: _Scored | None = None
+        real_steps = 0
+        measured = None
+        scale = 1.0
+        rejected: set[tuple[int, ...]] = set()
+        for _ in range(MAX_CONFIRMATIONS):
+            if not fits(floor, 1.0):
+                break  # not even the smallest recipe fits: infeasible without searching further
+            if objective == PlanObjective.MEMORY:
+                options = [s for s in smallest if fits(s, scale) and s.candidate.choice not in rejected]
+                chosen = min(options, key=lambda s: (predicted_bytes(s.estimate), s.step_ms)) if options else None
+            else:
+                chosen = self._fastest_fitting(lambda s, scale=scale: fits(s, scale) and s.candidate.choice not in rejected, count_before)
+            if chosen is None or not confirm_steps or not can_confirm(self.spec):
+                break
+            confirmation = confirm(self.inputs.workload, chosen.candidate.recipe, self.spec, chosen.estimate)
+            real_steps += confirmation.real_steps
+            measured = confirmation.measured_bytes
+            if measured is not None and measured <= budget_bytes:
+                break
+            notes.append(f"confirmation of {recipe_text(chosen.candidate.recipe)} failed: "
+                         + (f"measured {measured} bytes > budget" if measured is not None else confirmation.note))
+            rejected.add(chosen.candidate.choice)
+            if measured is not None:
+                scale = max(scale, measured / predicted_bytes(chosen.estimate))
+            chosen, measured = None, None
+        if chosen is not None and (not confirm_steps or not can_confirm(self.spec)):
+            notes.append(f"nothing was confirmed: the plan rests on the estimate alone ({'confirmation off' if not confirm_steps else 'no ' + self.spec.name + ' on this machine'})")
+
+        self._check_effective_batch(chosen, budget_bytes)
+        scored = [s for s in (self._scored_if_known(c) for c in self.candidates) if s is not None]
+        winner = chosen or floor
+        alternatives = _frontier(scored, winner, budget_bytes, self.margin, self.axes)
+        reason = None if chosen is not None else self._reason(floor, budget_bytes, notes)
+        calibration = time_model.measured_steps
+        if time_model.calibrated:
+            notes.append(f"step times from a model calibrated on {calibration} timed real steps on this machine's CPU"
+                         + (" (relative only for a GPU target)" if self.spec.kind == "cuda" else ""))
+        notes.append(self.inputs.sizing(winner.candidate.recipe.micro_batch_size or self.effective_batch_size).note)
+        return Plan(
+            feasible=chosen is not None,
+            budget_bytes=budget_bytes,
+            recipe=winner.candidate.recipe,
+            predicted_peak_bytes=predicted_bytes(winner.estimate),
+            measured_peak_bytes=measured if chosen is not None else None,
+            predicted_step_ms=round(winner.step_ms, 3),
+            alternatives=alternatives,
+            real_steps=real_steps,
+            reason=reason,
+            workload=self.workload.name,
+            device=self.spec.name,
+            objective=objective,
+            effective_batch_size=self.effective_batch_size,
+            sized_for=self.inputs.sizing(winner.candidate.recipe.micro_batch_size or self.effective_batch_size),
+            calibration_steps=calibration,
+            estimates=self._estimate_count - count_before,
+            notes=tuple(dict.fromkeys(notes)),
+            elapsed_s=round(time.perf_counter() - started, 3),
+        )
+
+    def _score(self, candidate: Candidate) -> _Scored | None:
+        result = self.estimate(candidate.recipe)
+        return None if result is None else _Scored(candidate=candidate, estimate=result, step_ms=self.step_ms(candidate))
+
+    def _scored_if_known(self, candidate: Candidate) -> _Scored | None:
+        result = self._estimates.get(candidate.recipe)
+        return None if result is None else _Scored(candidate=candidate, estimate=result, step_ms=self.step_ms(candidate))
+
+    def _fastest_fitting(self, fits: Any, count_before: int) -> _Scored | None:
+        """Walks the candidates fastest first; skips those a smaller non-fitting candidate rules out."""
+        order = self._undominated()
+        too_large: list[tuple[int, ...]] = []
+        for candidate in order:
+            if any(uses_no_less_memory(self.axes, candidate.choice, small) for small in too_large):
+                continue
+            if candidate.recipe not in self._estimates and self._estimate_count - count_before >= self.max_estimates:
+                self.notes.append(f"search stopped after {self.max_estimates} estimates; the plan is the fastest fitting recipe estimated")
+                known = [s for s in (self._scored_if_known(c) for c in order) if s is not None and fits(s)]
+                return min(known, key=lambda s: s.step_ms) if known else None
+            scored = self._score(candidate)
+            if scored is None:
+                continue
+            if fits(scored):
+                return scored
+            too_large.append(candidate.choice)
+        return None
+
+    def _undominated(self) -> list[Candidate]:
+        """The candidates, fastest first, without those another is no slower and no larger than.
+
+        A dominated candidate can never be the fastest that fits: whenever it fits, the one that
+        dominates it fits too (memory is monotone along each axis) and is no slower.
+        """
+        if self._order is None:
+            timed = sorted(((self.step_ms(c), c) for c in self.candidates), key=lambda item: (item[0], item[1].choice))
+            kept: list[Candidate] = []
+            for step_ms, candidate in timed:
+                # every candidate already kept is no slower; drop this one if one of them needs no more memory
+                if not any(uses_no_less_memory(self.axes, candidate.choice, other.choice) for other in kept):
+                    kept.append(candidate)
+            self._order = kept
+        return self._order
+
+    def _check_effective_batch(self, chosen: _Scored | None, budget_bytes: int) -> None:
+        """Rejects an effective batch that only micro-batches of one sample divide while larger ones fit."""
+        batch = self.effective_batch_size
+        if chosen is None or batch == 1 or (chosen.candidate.recipe.micro_batch_size or batch) != 1 or len(divisors(batch)) > 2:
+            return
+        # the batch is prime and only single samples fit whole: find the largest micro-batch that fits
+        smallest = self.smallest_candidates()
+        largest_fitting = 1
+        low, high = 1, batch - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            results = [self.estimate(c.recipe.replace(batch_size=middle, micro_batch_size=None)) for c in smallest]
+            if any(r is not None and predicted_fits(r, budget_bytes, self.margin) for r in results):
+                low = middle
+            else:
+                high = middle - 1
+        largest_fitting = low
+        if largest_fitting < 2:
+            return
+        nearby = sorted({value for value in range(max(2, batch - largest_fitting), batch + largest_fitting + 1)
+                         if value != batch and any(value % m == 0 for m in range(2, largest_fitting + 1))},
+                        key=lambda value: (abs(value - batch), value))[:4]
+        raise BadInputError(
+            f"effective_batch_size: {batch} is divided only by micro-batches of 1 and {batch}, but micro-batches up to "
+            f"{largest_fitting} fit the budget; divisors of {batch} that work: 1 ({batch} passes of one sample); "
+            f"effective batch sizes near {batch} that split into fitting micro-batches: {', '.join(map(str, nearby))}"
+        )
+
+    def _reason(self, floor: _Scored, budget_bytes: int, notes: list[str]) -> PlanReason:
+        categories = floor.estimate.by_category
+        dominant, dominant_bytes = max(categories.items(), key=lambda item: item[1]) if categories else ("unknown", 0)
+        peak = predicted_bytes(floor.estimate)
+        failed = [note for note in notes if note.startswith("confirmation")]
+        if failed and peak <= budget_bytes * (1 - self.margin):
+            message = f"the recipes that fit on the estimate did not fit in real steps ({failed[-1]})"
+        else:
+            message = (f"the smallest peak memwise reaches is {peak} bytes ({recipe_text(floor.candidate.recipe)}), "
+                       f"above the budget of {budget_bytes} bytes less the {self.margin:.0%} margin; "
+                       f"it is dominated by {dominant} ({dominant_bytes} bytes, {dominant_bytes / max(peak, 1):.0%})")
+        return PlanReason(message=message, min_peak_bytes=peak, recipe=floor.candidate.recipe,
+                          dominant_category=dominant, dominant_bytes=dominant_bytes)
+
+
+def _objective(objective: PlanObjective | str) -> PlanObjective:
+    try:
+        return PlanObjective(objective)
+    except ValueError:
+        raise BadInputError(f"objective: invalid value {objective!r}; valid values are throughput, memory") from None
+
+
+def _frontier(scored: list[_Scored], winner: _Scored, budget_bytes: int, margin: float, axes: Any) -> tuple[PlanAlternative, ...]:
+    """The candidates no other is both faster and smaller than (fastest first), plus the winner."""
+    frontier: list[_Scored] = []
+    smallest_so_far = math.inf
+    for item in sorted(scored, key=lambda s: (s.step_ms, predicted_bytes(s.estimate))):
+        if predicted_bytes(item.estimate) < smallest_so_far:
+            frontier.append(item)
+            smallest_so_far = predicted_bytes(item.estimate)
+    if all(item.candidate.choice != winner.candidate.choice for item in frontier):
+        frontier.append(winner)
+        frontier.sort(key=lambda s: s.step_ms)
+    return tuple(
+        PlanAlternative(
+            recipe=item.candidate.recipe, description=describe(axes, item.candidate.choice),
+            predicted_peak_bytes=predicted_bytes(item.estimate), predicted_step_ms=round(item.step_ms, 3),
+            fits=predicted_fits(item.estimate, budget_bytes, margin), chosen=item.candidate.choice == winner.candidate.choice,
+        )
+        for item in frontier
+    )
+
+
+def recipe_text(recipe: Recipe) -> str:
+    """The recipe's fields that differ from the defaults, e.g. 'batch_size=8, micro_batch_size=2, checkpoint=full'."""
+    default = Recipe()
+    parts = []
+    for field in dataclasses.fields(Recipe):
+        value = getattr(recipe, field.name)
+        if value != getattr(default, field.name):
+            parts.append(f"{field.name}={getattr(value, 'value', value)}")
+    return ", ".join(parts) or "defaults"
+
+
+def plan(
+    workload: Workload,
+    budget_bytes: int,
+    device: str | DeviceSpec = "cpu",
+    effective_batch_size: int | None = None,
+    objective: PlanObjective | str = PlanObjective.THROUGHPUT,
+    allow: Mapping[str, Sequence[Any]] | None = None,
+    *,
+    margin: float = DEFAULT_MARGIN,
+) -> Plan:
+    """The fastest training recipe of `workload` whose peak fits `budget_bytes` on `device`.
+
+    Searches precision, checkpointing (full, selective, every 2nd block), micro-batching with
+    gradient accumulation (every divisor of the effective batch), optimizer-state precision and
+    implementation, and for GPU targets offload and allocator settings, jointly, on the estimator;
+    ranks them with a step-time model calibrated from real steps timed on this machine; confirms the
+    winner with at most two real steps (`memwise.profile`) and falls back to the next candidate if
+    the measured peak exceeds the budget.
+
+    Args:
+        workload: what to train.
+        budget_bytes: the memory budget in bytes (CPU: the allocator's peak, parameters included;
+            GPU: what the process needs on the device, CUDA context included).
+        device: `cpu` or a GPU from the catalog (`memwise devices`).
+        effective_batch_size: samples per optimizer step, kept by every candidate (default: the
+            workload's `default_batch_size`).
+        objective: `throughput` (fastest recipe that fits) or `memory` (smallest peak).
+        allow: restricts the search by Recipe field, e.g. `{"precision": ["fp32"]}`.
+        margin: fraction of the budget a prediction must leave free (5%).
+
+    Returns:
+        A `Plan`; `feasible` is False with a `reason` when nothing fits.
+
+    Assumptions:
+        Peak memory is monotone along each remedy (a smaller micro-batch or more checkpointing never
+        needs more); the relative cost of each remedy measured at a small batch holds at the planned one.
+
+    Known limitations:
+        For a GPU target on a machine without one, nothing is confirmed and step times are relative
+        (calibrated on this CPU). Inference plans are not searched (training steps only).
+    """
+    planner = Planner(workload, device, effective_batch_size=effective_batch_size, allow=allow, margin=margin)
+    return planner.plan(budget_bytes, objective)
+
