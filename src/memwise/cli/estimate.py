@@ -4,10 +4,10 @@ import click
 
 from memwise.cli.common import (
     build_recipe,
+    check_output_directory,
     emit_json,
     format_option,
     handle_errors,
-    load_spec,
     recipe_options,
     show_result,
 )
@@ -19,10 +19,12 @@ from memwise.cli.common import (
 @click.option("--device", default="cpu", show_default=True, help="cpu, or a GPU from `memwise devices` (e.g. H100-80GB).")
 @click.option("--device-memory", default=None, metavar="SIZE", help="The device's capacity, e.g. 24GiB (for a GPU not in the catalog, or to override).")
 @click.option("--budget", default=None, metavar="SIZE", help="A memory budget to check, e.g. 6GiB or 500MB.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks sharing the global --batch-size: the per-rank peak (with --strategy).")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="Distributed strategy for --nproc (default ddp).")
 @format_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write estimate.json, timeline.png and report.html here.")
 @handle_errors
-def estimate_command(spec, mode, args, device, device_memory, budget, output_format, out, **recipe_options):
+def estimate_command(spec, mode, args, device, device_memory, budget, output_format, out, nproc, strategy, **recipe_options):
     """Predict the peak memory of a step of SPEC on a device, without running it there.
 
     The step runs on fake tensors on this CPU: no weights are allocated. With --budget or a GPU
@@ -37,11 +39,19 @@ def estimate_command(spec, mode, args, device, device_memory, budget, output_for
     from memwise.core.units import parse_size
     from memwise.estimate.estimator import estimate
 
+    check_output_directory(out, "--out")
     device_memory_bytes = parse_size(device_memory, name="--device-memory") if device_memory is not None else None
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
-    workload = load_spec(spec, args)
+    from memwise.workloads import load_workload, parse_args
+
+    workload = load_workload(spec, parse_args(args), materialize=False)  # parameters on meta: no weight is allocated
     recipe = build_recipe(recipe_options)
-    result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
+    if nproc != 1 or strategy is not None:  # per-rank estimate (memwise.distributed.estimate)
+        from memwise.distributed.estimate import estimate_per_rank
+
+        result = estimate_per_rank(workload, recipe, nproc, strategy or "ddp", device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
+    else:
+        result = estimate(workload, recipe, device, mode=mode, device_memory_bytes=device_memory_bytes, budget_bytes=budget_bytes)
     show_result(result, output_format, out, stem="estimate")
 
 

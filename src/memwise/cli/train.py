@@ -34,10 +34,12 @@ from memwise.cli.common import (
 @click.option("--stop-on-nonfinite", is_flag=True, help="Stop (exit 1) at the first NaN/inf loss, keeping the last good checkpoint.")
 @seed_option
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks on this machine, launched through torchrun (gloo on CPU, nccl on CUDA).")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="DDP or FSDP2 across the ranks (default ddp with --nproc).")
 @format_option
 @handle_errors
 def train_command(spec, steps, args, budget, checkpoint_dir, checkpoint_every, resume, overwrite, stop_on_nonfinite, seed,
-                  device, output_format, **recipe_options):
+                  device, nproc, strategy, output_format, **recipe_options):
     """Train SPEC up to --steps steps; on out-of-memory, halve the micro-batch, double accumulation
     (the effective batch is kept) and redo the same step on the same samples.
 
@@ -63,6 +65,14 @@ def train_command(spec, steps, args, budget, checkpoint_dir, checkpoint_every, r
     recipe = build_recipe(recipe_options)
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
     apply_seed(seed)
+    if nproc != 1 or strategy is not None:  # memwise.distributed: torchrun, DDP/FSDP2 (docs/distributed.md)
+        from memwise.distributed.entry import summary, train_distributed
+
+        result = train_distributed(spec, parse_args(args), recipe, steps, nproc=nproc, strategy=strategy or "ddp", device=device,
+                                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+        if result is not None:
+            emit_json(result.to_dict()) if output_format == "json" else click.echo(summary(result))
+        return
     workload = load_spec(spec, args)
     identity = {"spec": spec, "args": parse_args(args)}
 

@@ -121,22 +121,23 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _failure(config: DistributedTrainConfig, nproc: int, output: str, returncode: int) -> RankFailedError:
-    reports = []
+    """The first failure: torchrun's root cause names the rank; its own report (if any) says why."""
+    root = output[output.find("Root Cause"):] if "Root Cause" in output else output
+    rank_match = re.search(r"rank\s*:\s*(\d+)", root)
+    exit_match = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    signal_match = re.search(r"Signal (\d+) \((SIG\w+)\)", root)
+    reports = {}
     for rank in range(nproc):
         path = error_path(config.result_path, rank)
         if path is not None and path.exists():
-            reports.append(json.loads(path.read_text()))
-    if reports:
-        first = reports[0]
-        cause = f"{first['type']}: {first['message']}"
-        error_type = RankBadInputError if first.get("bad_input") else RankFailedError
-        return error_type(f"rank {first['rank']} failed: {cause}; the other ranks were stopped", first["rank"], cause)
-    # A rank killed by a signal or os._exit left no report: take torchrun's root-cause summary.
-    rank_match = re.search(r"rank\s*:\s*(\d+)", output)
-    exit_match = re.search(r"exitcode\s*:\s*(-?\d+)", output)
-    signal_match = re.search(r"Signal (\d+) \((SIG\w+)\)", output)
-    rank = int(rank_match.group(1)) if rank_match else None
-    if signal_match:
+            reports[rank] = json.loads(path.read_text())
+    rank = int(rank_match.group(1)) if rank_match else (min(reports) if reports else None)
+    report = reports.get(rank)
+    if report is not None:
+        cause = f"{report['type']}: {report['message']}"
+        error_type = RankBadInputError if report.get("bad_input") else RankFailedError
+        return error_type(f"rank {rank} failed: {cause}; the other ranks were stopped", rank, cause)
+    if signal_match:  # killed, or os._exit: no report of its own
         cause = f"killed by signal {signal_match.group(2)}"
     elif exit_match and int(exit_match.group(1)) < 0:
         cause = f"killed by signal {signal.Signals(-int(exit_match.group(1))).name}"

@@ -48,10 +48,23 @@ def rank_recipe(recipe, world_size: int):
 
 
 def rank_slice(batch: Any, rank: int, world_size: int) -> Any:
-    """Rank `rank`'s share of a global batch: the `rank`-th of `world_size` equal parts along dim 0."""
+    """Rank `rank`'s share of a global batch: the `rank`-th of `world_size` equal parts along dim 0,
+    copied so the rank holds only its own samples (as with a DistributedSampler)."""
     from memwise.core.workload import batch_size_of
 
-    return split_batch(batch, batch_size_of(batch) // world_size)[rank]
+    part = split_batch(batch, batch_size_of(batch) // world_size)[rank]
+    return move_batch_copy(part)
+
+
+def move_batch_copy(batch: Any) -> Any:
+    """A batch whose tensors own their storage (contiguous copies of views)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {key: move_batch_copy(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch_copy(value) for value in batch)
+    return batch
 
 
 def error_path(result_path: str | None, rank: int) -> Path | None:
@@ -100,6 +113,7 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
 
     def run_step(step: int, marker: Any) -> None:
         if step == 0:  # the wrap and the optimizer, inside the profiled region
+            persistent.clear()  # logged already; holding the tensors would keep FSDP's unsharded originals alive
             state["wrapped"] = wrapped = wrap_model(model, config.strategy, device, world_size)
             observer = StepObserver(wrapped, local_storage_key)
             observer.marker = marker

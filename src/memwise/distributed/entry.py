@@ -1,0 +1,42 @@
+"""What `memwise train --nproc N --strategy S` does: launch torchrun, or be one rank under it."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from memwise.core.recipe import Recipe
+from memwise.distributed.config import DistributedTrainConfig
+from memwise.distributed.launch import launch_train
+from memwise.distributed.result import DistributedTrainResult
+from memwise.distributed.worker import run_rank
+
+
+def under_torchrun(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process is a worker that torchrun started (it sets RANK, WORLD_SIZE and LOCAL_RANK)."""
+    environ = os.environ if environ is None else environ
+    return all(name in environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"))
+
+
+def train_distributed(
+    spec: str, args: dict[str, Any], recipe: Recipe, steps: int, *, nproc: int, strategy: str, device: str,
+    checkpoint_dir: Path | None, checkpoint_every: int, result_path: Path | None = None,
+) -> DistributedTrainResult | None:
+    """Runs distributed training; returns the result in the process that reports it, else None.
+
+    Typed after a torchrun command (multi-node), this process is one rank: it trains and, on rank
+    0, returns the result. Otherwise it launches `nproc` ranks on this machine through torchrun.
+    """
+    config = DistributedTrainConfig(
+        spec=spec, args=args, recipe=recipe, steps=steps, strategy=strategy, device=device.split(":")[0],
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every=checkpoint_every,
+        result_path=str(result_path) if result_path is not None else None,
+    )
+    if under_torchrun():
+        return run_rank(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    return launch_train(config, nproc)
+
+
+def summary(result: DistributedTrainResult) -> str:
+    """One line: steps, final loss, and each rank's peak."""
+    peaks = ", ".join(f"rank {r.rank} {r.peak_bytes / 2**20:.2f} MiB" for r in result.ranks)
+    return f"{result.steps_done} steps on {result.nproc} ranks ({result.strategy}), final loss {result.loss_history[-1]:.4f}; peak {peaks}"

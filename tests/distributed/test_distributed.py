@@ -1,0 +1,143 @@
+"""Distributed training through real torchrun: 2 ranks, gloo, CPU, gpt-tiny.
+
+Each torchrun launch costs a few seconds of process start-up, so the runs are made once per module
+and shared.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import memwise
+from memwise.core.errors import BadInputError
+from memwise.distributed import DistributedTrainConfig, RankFailedError, check_nproc, launch_train
+from memwise.distributed.estimate import ddp_bucket_sizes, estimate_per_rank, shard_bytes
+from memwise.distributed.wrap import fsdp_blocks
+from memwise.workloads import load_workload
+
+pytestmark = pytest.mark.integration
+
+GLOBAL_BATCH = 8
+STEPS = 3
+SPEC, ARGS = "gpt", {"preset": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def single_losses():
+    result = memwise.train(load_workload(SPEC, ARGS), memwise.Recipe(batch_size=GLOBAL_BATCH), STEPS)
+    return result.loss_history
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def run(request):
+    config = DistributedTrainConfig(spec=SPEC, args=ARGS, recipe=memwise.Recipe(batch_size=GLOBAL_BATCH), steps=STEPS,
+                                    strategy=request.param)
+    return launch_train(config, 2, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {}
+
+
+def test_training_equals_a_single_process_with_the_same_global_batch(run, single_losses, runs):
+    runs[run.strategy] = run
+    # Ranks average their gradients over equal halves of the batch: the global-batch gradient up to
+    # float32 summation order, so the losses after each update agree to ~1e-6 relative.
+    torch.testing.assert_close(torch.tensor(run.loss_history), torch.tensor(single_losses), rtol=1e-5, atol=1e-6)
+    assert [r.rank for r in run.ranks] == [0, 1]
+    assert run.per_rank_peak_bytes == tuple(r.peak_bytes for r in run.ranks)
+    assert run.peak_bytes == run.ranks[0].peak_bytes and run.nproc == 2
+    assert all(r.step_ms > 0 for r in run.ranks)
+
+
+def test_per_rank_estimate_is_within_half_a_percent(run, request):
+    if run.strategy == "fsdp":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="FSDP2 per-rank model is off by ~5% (measured); see docs/distributed.md"))
+    estimated = estimate_per_rank(load_workload(SPEC, ARGS), memwise.Recipe(batch_size=GLOBAL_BATCH), 2, run.strategy)
+    for measured in run.per_rank_peak_bytes:
+        assert abs(estimated.peak_bytes / measured - 1) <= 0.005, (estimated.peak_bytes, measured)
+
+
+def test_ddp_estimate_needs_the_bucket(runs):
+    """A naive count (a single process at the per-rank batch) misses DDP's bucket, allocated at wrap time."""
+    run = runs.get("ddp")
+    if run is None:
+        pytest.skip("needs the ddp run")
+    naive = memwise.estimate(load_workload(SPEC, ARGS), memwise.Recipe(batch_size=GLOBAL_BATCH // 2)).peak_bytes
+    assert naive / run.per_rank_peak_bytes[0] - 1 < -0.05
+
+
+def test_fsdp_state_is_about_half_of_ddp(runs):
+    if set(runs) != {"ddp", "fsdp"}:
+        pytest.skip("needs both runs")
+
+    def state(run):
+        return [r.by_category["param"] + r.by_category["grad"] + r.by_category["optimizer_state"] for r in run.ranks]
+
+    ratios = [f / d for f, d in zip(state(runs["fsdp"]), state(runs["ddp"]))]
+    assert all(0.4 <= ratio <= 0.7 for ratio in ratios), ratios  # half, plus the root's gathered parameters
+
+
+def test_a_dying_worker_is_reported_with_its_rank(tmp_path):
+    spec = f"{Path(__file__).with_name('dying_workload.py')}:dying"
+    config = DistributedTrainConfig(spec=spec, args={"die_at_step": 3}, recipe=memwise.Recipe(batch_size=GLOBAL_BATCH), steps=5,
+                                    strategy="ddp", checkpoint_dir=str(tmp_path), checkpoint_every=1, measure_steps=1)
+    with pytest.raises(RankFailedError, match="rank 1 failed: killed by signal SIGKILL") as error:
+        launch_train(config, 2, log=lambda line: None)
+    assert error.value.rank == 1
+    assert not psutil.Process().children(recursive=True)  # no worker left behind
+    for rank in (0, 1):
+        checkpoint = torch.load(tmp_path / f"memwise-train-rank{rank}.pt", weights_only=False)
+        assert checkpoint["steps_done"] >= 2 and "model" in checkpoint
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_two_nodes_on_localhost_with_c10d_rendezvous(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "memwise.cli.main",
+             "train", SPEC, "--arg", "preset=tiny", "--steps", "2", "--batch-size", str(GLOBAL_BATCH), "--strategy", "ddp", "--format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=240) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    result = json.loads(outputs[0][0])
+    assert result["nproc"] == 2 and len(result["per_rank_peak_bytes"]) == 2 and len(result["loss_history"]) == 2
+    assert outputs[1][0].strip() == ""  # only rank 0 reports
+
+
+def test_bad_input_without_launching():
+    with pytest.raises(BadInputError, match="--nproc: 3 ranks need 3 CUDA devices, this machine has 2"):
+        check_nproc(3, "cuda", cuda_device_count=2)
+    check_nproc(3, "cpu")
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+
+    with pytest.raises(BadInputError, match="no wrappable blocks"):
+        fsdp_blocks(Flat())
+    with pytest.raises(BadInputError, match="does not split evenly"):
+        estimate_per_rank(load_workload(SPEC, ARGS), memwise.Recipe(batch_size=7), 2, "ddp")
+
+
+def test_shard_and_bucket_sizes():
+    assert shard_bytes(torch.empty(5, 3), 2) == 3 * 3 * 4  # dim 0 padded from 5 to 6 rows
+    parameters = [torch.empty(2**18), torch.empty(2**18), torch.empty(2**17)]  # 1 MiB, 1 MiB, 0.5 MiB in fp32
+    # reverse order; the first bucket closes once it reaches 1 MiB, later ones at 25 MiB
+    assert ddp_bucket_sizes(parameters) == [2**20 + 2**19, 2**20]
