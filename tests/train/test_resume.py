@@ -281,3 +281,17 @@ def test_seed_makes_dropout_runs_repeat():
     other = memwise.train(_workload("torch-global"), RECIPE, 2, seed=6)
     assert first.loss_history == again.loss_history
     assert first.loss_history != other.loss_history
+
+
+def test_without_fcntl_a_live_holder_is_refused_and_a_dead_one_taken_over(tmp_path, monkeypatch):
+    from memwise.train import checkpoint_io
+
+    monkeypatch.setattr(checkpoint_io, "fcntl", None)
+    with CheckpointDirectory(tmp_path):
+        with pytest.raises(DirectoryLockedError, match=f"pid {os.getpid()}"):
+            CheckpointDirectory(tmp_path).lock()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(str(dead.pid))
+    with CheckpointDirectory(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())

@@ -4,12 +4,12 @@ Files in the directory:
     `memwise-train-step000000010.pt`: the checkpoint after 10 steps; the two newest are kept, so a
         checkpoint damaged by a crash (or a full disk) leaves the previous one to resume from.
     `.memwise-train.lock`: held (`fcntl.flock`) by the live run, with its pid inside. The kernel
-        drops the lock when the process dies, so the lock of a killed run is taken over.
+        drops the lock when the process dies, so the lock of a killed run is taken over. (Without
+        fcntl, on Windows, the file is created exclusively and a lock whose pid is dead is taken over.)
     `.memwise-train-step*.pt.*.tmp`: a checkpoint being written (see `report.atomic`); one left by
         a kill during a save is removed when the next run takes the lock.
 """
 
-import fcntl
 import os
 import re
 from collections.abc import Callable
@@ -20,6 +20,11 @@ import torch
 
 from memwise.core.errors import BadInputError, MemwiseError
 from memwise.report.atomic import write_atomic_with
+
+try:
+    import fcntl
+except ImportError:  # Windows: an exclusive create, and a lock whose pid is dead is taken over
+    fcntl = None
 
 CHECKPOINT_PREFIX = "memwise-train"
 LOCK_NAME = ".memwise-train.lock"
@@ -69,18 +74,24 @@ class CheckpointDirectory:
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / LOCK_NAME
-        while True:
+        while fcntl is None:
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                holder = path.read_text(errors="replace").strip() if path.exists() else ""
+                if not holder.isdigit() or _alive(int(holder)):  # no pid yet: its holder is writing it
+                    raise self._locked_error(holder or "unknown") from None
+                path.unlink(missing_ok=True)  # a stale lock: its process is gone
+        while fcntl is not None:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(descriptor)
-                raise DirectoryLockedError(
-                    f"checkpoint_dir: {str(self.directory)!r} is in use by another memwise train run (pid {holder}); "
-                    "wait for it to finish or use another --checkpoint-dir"
-                ) from None
-            # the holder we waited on may have removed the file between our open and flock
+                raise self._locked_error(holder) from None
+            # the previous holder may have removed the file between our open and our flock
             try:
                 same_file = os.stat(path).st_ino == os.fstat(descriptor).st_ino
             except FileNotFoundError:
@@ -89,10 +100,17 @@ class CheckpointDirectory:
                 break
             os.close(descriptor)
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
         self._lock_fd = descriptor
         for orphan in self.directory.glob(f".{CHECKPOINT_PREFIX}-*.tmp"):
             orphan.unlink(missing_ok=True)
+
+    def _locked_error(self, holder: str) -> DirectoryLockedError:
+        return DirectoryLockedError(
+            f"checkpoint_dir: {str(self.directory)!r} is in use by another memwise train run (pid {holder}); "
+            "wait for it to finish or use another --checkpoint-dir"
+        )
 
     def unlock(self) -> None:
         """Releases the lock (and removes the lock file); safe to call twice."""
@@ -169,6 +187,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         version = payload.get("version") if isinstance(payload, dict) else None
         raise CheckpointError(f"is not a memwise training checkpoint of version {PAYLOAD_VERSION} (version {version!r})")
     return payload
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -13,8 +13,15 @@ at. On resume, the global generators are set to the start-of-run states and `mak
 called once for every finished step (the batches are dropped): this advances generators memwise
 cannot see, such as a `torch.Generator` held in a closure, exactly as the first run did. Then the
 global generators are set to the boundary states, so the draws of the finished steps (batches,
-dropout) are not repeated. The checkpoint also holds a digest of the last batch before it; the
-replay's batch must match it, or the resume warns that `make_batch` is not reproducible.
+dropout) are not repeated. The checkpoint also holds a digest of the last batch before it (and the
+generator states its draw started from); the replay's batch must match it, or the resume warns
+that `make_batch` is not reproducible.
+
+Known limitations:
+    A `make_batch` whose private generator's draws depend on the global generators (how many
+    samples to draw, say) while the step also draws from them (dropout) replays exactly only for
+    the last batch before the checkpoint. Replaying costs one `make_batch` call per finished step
+    (benchmarks/train/bench_resume.py: under 1% of a step for the built-in workloads).
 """
 
 import contextlib
@@ -182,8 +189,11 @@ def train(
 
     Raises:
         InfeasibleBudgetError: the step cannot fit at any micro-batch size. With a budget this is
-            checked before the first step against an estimate of the step with a micro-batch of
-            1 (parameters, buffers, gradients, optimizer state, activations, temporaries).
+            checked before the first step against an estimate, on fake tensors, of the step with
+            one sample of the first batch (parameters, buffers, gradients, optimizer state,
+            activations, temporaries and kernel scratch, which the CPU guard does not see: the
+            minimum is 0.3-2% above the guard's own peak of a batch-1 run). Where the estimate
+            cannot run, the minimum is parameters, buffers, gradients and the built-in optimizers' state.
         TrainingStoppedError: see its subclasses.
         KeyboardInterrupt: after Ctrl-C (SIGINT), at the next step boundary, once the checkpoint
             is written.
