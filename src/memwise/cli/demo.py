@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from memwise.cli.common import StepProgress, handle_errors
+from memwise.cli.common import StepProgress, check_output_directory, handle_errors
 
 
 @click.command("demo")
@@ -31,6 +31,7 @@ def demo(out: Path, batch_size: int) -> None:
     from memwise.report.tables import render_terminal
     from memwise.workloads import load_workload
 
+    check_output_directory(out, "--out")
     console = Console()
     workload = load_workload("digits-cnn")
     recipe = Recipe(batch_size=batch_size)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from memwise.cli.common import format_option, handle_errors, show_result
+from memwise.cli.common import check_output_directory, format_option, handle_errors, show_result
 
 
 @click.command("report")
@@ -24,6 +24,7 @@ def report_command(result_file, output_format, out):
     from memwise.estimate.estimator import Estimate
     from memwise.measure.profile import Profile
 
+    check_output_directory(out, "--out")
     try:
         data = json.loads(result_file.read_text())
     except FileNotFoundError:
