@@ -17,12 +17,15 @@ class RankMemory:
             events; parameters, optimizer state and DDP's gradient buckets included).
         by_category: bytes by category at that peak (see memwise.measure.memory_log).
         step_ms: median wall time of a measured step (None for an estimate).
+        state_bytes: bytes of this rank's parameters (its shards under FSDP2) and optimizer state
+            between steps, counted from the real storages (None for an estimate).
     """
 
     rank: int
     peak_bytes: int
     by_category: dict[str, int]
     step_ms: float | None
+    state_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

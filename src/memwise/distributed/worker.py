@@ -143,7 +143,7 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
             _save(config, rank, state["wrapped"], runner.optimizer, step + 1, losses)
     timed = step_ms[2:] if len(step_ms) > 2 else step_ms[1:]
     memory = RankMemory(rank=rank, peak_bytes=breakdown.peak_bytes, by_category=dict(breakdown.by_category),
-                        step_ms=statistics.median(timed))
+                        step_ms=statistics.median(timed), state_bytes=_state_bytes(state["wrapped"], runner.optimizer))
     mean_losses = torch.tensor(losses, dtype=torch.float64, device=device)
     dist.all_reduce(mean_losses)
     mean_losses /= world_size
@@ -162,6 +162,17 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
     if config.result_path:
         write_atomic(config.result_path, json.dumps(result.to_dict()).encode())
     return result
+
+
+def _state_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """Bytes of the distinct storages of the model's (local) parameters and the optimizer's state."""
+    tensors = list(model.parameters()) + [value for state in optimizer.state.values() for value in state.values()
+                                          if isinstance(value, torch.Tensor)]
+    storages = {}
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def _save(config: DistributedTrainConfig, rank: int, model: torch.nn.Module, optimizer: Any, steps_done: int, losses: list[float]) -> None:
