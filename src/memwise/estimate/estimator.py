@@ -19,9 +19,11 @@ from memwise.core.recipe import (
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
+from memwise.estimate.block_stack import BlockTagger, find_block_stack, stacked_step_log
 from memwise.estimate.fake_run import fake_step_log
 from memwise.estimate.op_probe import OpProbe
-from memwise.measure.memory_log import HOST, Breakdown
+from memwise.measure.memory_log import HOST, Breakdown, MemoryLog
+from memwise.measure.tracker import module_names
 from memwise.strategies.allocator import parse_allocator_settings
 
 # Error bands, from the accuracy grid in docs/benchmarks.md. On CPU every op's scratch is probed,
@@ -66,6 +68,8 @@ class Estimate(Breakdown):
         budget_bytes: the budget checked, the smaller of capacity and `--budget`.
         fits: `total_bytes <= budget_bytes`, None when there is no budget.
         what_if: alternatives and their predicted peaks (with a budget or a device).
+        next_batch_bytes: what one more batch costs on the device: a loader that copies the next
+            batch to the device during the step (prefetch to device) adds this to the peak.
         assumptions: what the estimate took for granted.
         elapsed_s: seconds the estimate took.
     """
@@ -87,6 +91,7 @@ class Estimate(Breakdown):
     what_if: tuple[WhatIf, ...]
     assumptions: tuple[str, ...]
     elapsed_s: float
+    next_batch_bytes: int = 0
     source: str = "estimated"
 
 
@@ -153,8 +158,9 @@ def estimate(
     recipe = resolve_recipe(workload, recipe)
     spec = resolve_device(device, device_memory_bytes)
     probe = OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None
-    breakdown, reserved = _run(workload, recipe, mode, spec, probe)
-    assumptions = _assumptions(spec, probe, recipe)
+    run = _run(workload, recipe, mode, spec, probe)
+    breakdown, reserved = run.breakdown, run.reserved_bytes
+    assumptions = _assumptions(spec, probe, recipe) + list(run.notes) + list(workload.extras.get("assumptions", ()))  # e.g. how the model was built
     low_band, high_band = _CPU_BAND if spec.kind == "cpu" else _CUDA_BAND
     context = spec.context_bytes if spec.kind == "cuda" else None
     total = (reserved + context) if spec.kind == "cuda" else breakdown.peak_bytes
@@ -180,21 +186,41 @@ def estimate(
         fits=None if budget is None else total <= budget,
         top_contributors=_top_contributors(breakdown),
         what_if=rows,
+        next_batch_bytes=run.batch_bytes,
         assumptions=tuple(assumptions),
         elapsed_s=time.perf_counter() - started,
     )
 
 
-def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe: OpProbe | None) -> tuple[Breakdown, int]:
+@dataclasses.dataclass(frozen=True)
+class _RunResult:
+    breakdown: Breakdown
+    reserved_bytes: int
+    batch_bytes: int
+    notes: tuple[str, ...]
+
+
+def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe: OpProbe | None) -> _RunResult:
     cuda = spec.kind == "cuda"
-    log = fake_step_log(
-        workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
-        round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
-        optimizer_foreach=True if cuda else None, cuda_autocast=cuda, offload_to_host=cuda,
-    )
+
+    def trace(blocks: BlockTagger | None = None) -> MemoryLog:
+        return fake_step_log(
+            workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
+            round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
+            optimizer_foreach=True if cuda else None, cuda_autocast=cuda, offload_to_host=cuda, blocks=blocks,
+        )
+
+    stack = find_block_stack(workload.model)
+    log, how = (stacked_step_log(trace, stack, module_names(workload.model)) if stack else (None, ""))
+    notes = (how,) if log is not None else ()
+    if log is None:
+        if stack is not None:
+            notes = (f"all {stack.count} blocks of {stack.path} traced one by one: {how}",)
+        log = trace()
     breakdown = log.summarize()
+    batch_bytes = _batch_bytes(log)
     if not cuda:
-        return breakdown, breakdown.peak_bytes
+        return _RunResult(breakdown, breakdown.peak_bytes, batch_bytes, notes)
     allocator_events = [
         event[:3] if event[0] == "alloc" else event[:2]
         for event in log.events
@@ -207,11 +233,22 @@ def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe
         expandable_segments=settings.get("expandable_segments") == "True",
         max_split_size_bytes=int(float(max_split) * 2**20) if max_split else None,
     )
-    return breakdown, replay.peak_reserved_bytes
+    return _RunResult(breakdown, replay.peak_reserved_bytes, batch_bytes, notes)
+
+
+def _batch_bytes(log: MemoryLog) -> int:
+    """Bytes of the first batch the log claims as input."""
+    claimed = next((event[2] for event in log.events if event[0] == "claim" and event[1] == "input"), [])
+    keys = {key for key, _ in claimed}
+    return sum(event[2] for event in log.events if event[0] == "alloc" and event[1] in keys and event[3] != HOST)
 
 
 def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> list[str]:
-    notes = ["the step runs as memwise runs it: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True)"]
+    notes = [
+        "the step runs as memwise runs it: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True)",
+        "the batch stays alive through backward and the optimizer step, as in a user's `for batch in loader:` loop; "
+        "a loader that prefetches the next batch to the device adds next_batch_bytes",
+    ]
     if spec.kind == "cpu":
         notes.append(f"CPU kernel scratch learned from {probe.probed} real single-op probes")
         if probe.unprobed_ops:
@@ -240,8 +277,8 @@ def _what_if(
         return WhatIf(change=change, peak_bytes=int(peak), fits=None if budget is None else peak + overhead <= budget, method=method)
 
     def rerun(change: str, new_recipe: Recipe) -> WhatIf:
-        other, _ = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None)
-        return row(change, other.peak_bytes, "estimated")
+        other = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None)
+        return row(change, other.breakdown.peak_bytes, "estimated")
 
     rows = []
     train = mode == Mode.TRAIN

@@ -78,8 +78,15 @@ def parse_args(pairs: Iterable[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_workload(spec: str, args: dict[str, Any] | None = None) -> Workload:
+def load_workload(spec: str, args: dict[str, Any] | None = None, *, materialize: bool = True) -> Workload:
     """Builds the Workload named by `spec` with keyword arguments `args`.
+
+    Args:
+        spec: a built-in name, `hf:...`, `path/to/file.py:function` or `package.module:function`.
+        args: keyword arguments for the workload's function.
+        materialize: False builds the model with its parameters on the meta device, so no weight
+            is allocated (what `estimate` needs); where the function cannot build that way it is
+            built normally. How it was built is added to `workload.extras["assumptions"]`.
 
     Raises:
         WorkloadError: unknown name, missing file or function, a function that does not return a
@@ -93,7 +100,7 @@ def load_workload(spec: str, args: dict[str, Any] | None = None) -> Workload:
         model_type = spec[3:]
         if not model_type:
             raise WorkloadError("workload spec 'hf:': name a transformers model type, e.g. hf:bert or hf:gpt2")
-        return _checked(BUILTIN_WORKLOADS["hf:<model_type>"].factory()(model_type, **args), spec)
+        return _built(lambda: BUILTIN_WORKLOADS["hf:<model_type>"].factory()(model_type, **args), spec, materialize)
     if spec in BUILTIN_WORKLOADS:
         factory = BUILTIN_WORKLOADS[spec].factory()
     elif ":" in spec:
@@ -105,7 +112,18 @@ def load_workload(spec: str, args: dict[str, Any] | None = None) -> Workload:
             "or give path/to/file.py:function or package.module:function"
         )
     _check_arguments(factory, args, spec)
-    return _checked(factory(**args), spec)
+    return _built(lambda: factory(**args), spec, materialize)
+
+
+def _built(build: Callable[[], Any], spec: str, materialize: bool) -> Workload:
+    if materialize:
+        return _checked(build(), spec)
+    from memwise.workloads.meta_build import build_without_weights
+
+    result, how = build_without_weights(build, spec)
+    workload = _checked(result, spec)
+    workload.extras["assumptions"] = [*workload.extras.get("assumptions", ()), how]
+    return workload
 
 
 def _load_function(spec: str) -> Callable[..., Any]:
