@@ -63,6 +63,9 @@ GROWTH_MIN_STEPS = 2
 GROWTH_MIN_BYTES = 1024
 COPY_MIN_BYTES = 4096
 TIED_MIN_ELEMENTS = 1024
+# DataLoader workers: a dataset attribute that is a Python list/dict/tuple this long is a cause of
+# copy-on-read (each item's reference count is written when a worker reads it).
+PYTHON_OBJECTS_MIN_ITEMS = 10_000
 _PERSISTENT = ("param", "buffer", "grad", "optimizer_state")
 _WATCH_MARKS = ("step_end", "forward_begin", "forward_end")
 
@@ -550,7 +553,10 @@ class Watch:
         total = 0
         for child in children:
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                memory = child.memory_info()
+                # Private resident pages: pages shared with the parent (a numpy array read by a
+                # worker) count in RSS too, but only copied ones cost memory per worker.
+                total += memory.rss - getattr(memory, "shared", 0)
         if children:
             self._worker_rss.append((step, total))
 
@@ -620,11 +626,12 @@ class Watch:
                 f"backward(retain_graph=True) in step {backward.step} kept {format_bytes(nbytes)} of saved activations "
                 "alive after it, and no later backward used them",
             ))
+        kept_graph_lines = {hazard.location for hazard in hazards if hazard.kind == "graph_kept"}
         for forward, keys_bytes in walk.unused_graphs:
             kept = {key: nbytes for key, nbytes in keys_bytes.items() if key not in growth_keys}
             nbytes = sum(kept.values())
-            if nbytes < GROWTH_MIN_BYTES or nbytes < sum(keys_bytes.values()) / 2:
-                continue  # too small, or kept across steps (reported as graph_kept)
+            if nbytes < GROWTH_MIN_BYTES or nbytes < sum(keys_bytes.values()) / 2 or _location(forward.site) in kept_graph_lines:
+                continue  # too small, or its graph is kept across steps (reported as graph_kept)
             hazards.append(make_hazard(
                 "eval_without_no_grad", nbytes, [forward.step], _location(forward.site),
                 f"a forward with gradients enabled saved {format_bytes(nbytes)} of activations for a backward that never came",
@@ -632,7 +639,8 @@ class Watch:
         hazards += self._conversion_hazards()
         hazards += self._weight_findings
         hazards += self._cuda_hazards[-1:]
-        found = worker_rss_hazard(self._worker_rss, *self._dataset_location())
+        dataset = self._dataset_location() if self._worker_rss else None
+        found = worker_rss_hazard(self._worker_rss, *dataset) if dataset is not None else None
         if found is not None:
             hazards.append(found)
         return _merge_same(hazards)
@@ -751,14 +759,21 @@ class Watch:
         keys |= {storage_key(p) for group in self.optimizer.param_groups for p in group["params"]}
         return keys
 
-    def _dataset_location(self) -> tuple[Location, str]:
+    def _dataset_location(self) -> tuple[Location, str] | None:
+        """(where the dataset class is defined, its name) for the first multi-worker DataLoader whose
+        dataset holds a large Python list or dict (what workers copy on read), else None."""
         for obj in gc.get_objects():
-            if issubclass(type(obj), torch.utils.data.DataLoader) and obj.num_workers > 0:
-                dataset_type = type(obj.dataset)
-                with contextlib.suppress(OSError, TypeError):
-                    return Location(file=inspect.getsourcefile(dataset_type), line=inspect.getsourcelines(dataset_type)[1]), dataset_type.__name__
-                return _location(self.entry_site), dataset_type.__name__
-        return _location(self.entry_site), "the dataset"
+            if not (issubclass(type(obj), torch.utils.data.DataLoader) and obj.num_workers > 0):
+                continue
+            dataset = obj.dataset
+            containers = [value for value in getattr(dataset, "__dict__", {}).values() if type(value) in (list, dict, tuple)]
+            if not any(len(value) >= PYTHON_OBJECTS_MIN_ITEMS for value in containers):
+                continue
+            dataset_type = type(dataset)
+            with contextlib.suppress(OSError, TypeError):
+                return Location(file=inspect.getsourcefile(dataset_type), line=inspect.getsourcelines(dataset_type)[1]), dataset_type.__name__
+            return _location(self.entry_site), dataset_type.__name__
+        return None
 
 
 _ACTIVE: Watch | None = None
