@@ -121,3 +121,14 @@ def test_a_model_the_estimator_cannot_follow_falls_back_to_the_state_it_holds(mo
                       log=lambda record: warnings.append(record.get("message", "")))
     assert error.value.minimum_bytes == 4 * param_count * 4
     assert any("data-dependent shape" in message for message in warnings)
+
+
+def test_the_budget_check_changes_nothing_in_the_run():
+    """The minimum's estimate runs real probe ops and draws one sample: the generators and the model stay as they were."""
+    recipe = memwise.Recipe(batch_size=4, optimizer="adamw")
+    plain_workload, checked_workload = _workload(), _workload()
+    plain = memwise.train(plain_workload, recipe, 2, seed=0)
+    checked = memwise.train(checked_workload, recipe, 2, seed=0, budget_bytes=2**30)
+    assert checked.loss_history == plain.loss_history
+    for name, value in _params(checked_workload).items():
+        assert torch.equal(value, _params(plain_workload)[name]), name
