@@ -208,8 +208,48 @@ def digits_cnn(*, seed: int = 0) -> Workload:
         evaluate=evaluate,
         name="digits-cnn",
         default_batch_size=64,
-        extras={"train": train, "dataset": torch.utils.data.TensorDataset(x_train, y_train)},
+        extras={
+            "train": train, "dataset": torch.utils.data.TensorDataset(x_train, y_train),
+            "trained_model": functools.partial(trained_model, seed=seed), "chance_metric": 1 / NUM_CLASSES,
+        },
     )
+
+
+def trained_model(*, seed: int = 0, cache_dir: str | None = None) -> SimpleCNN:
+    """A `SimpleCNN` initialized with `seed` and trained with `train`'s defaults, cached on disk.
+
+    The first call trains (a few seconds) and writes the state dict to
+    `cache_dir` (default `$XDG_CACHE_HOME/memwise` or `~/.cache/memwise`), in a file keyed by
+    `seed`, the torch version and a hash of this module's source, so a change of the model, data or
+    training code trains again instead of loading stale weights. Later calls load it.
+
+    Returns:
+        The trained model in eval mode.
+    """
+    import hashlib
+    import inspect
+    import io
+    import os
+    from pathlib import Path
+
+    from memwise.report.atomic import write_atomic
+
+    if cache_dir is None:
+        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "memwise")
+    code_key = hashlib.sha256(inspect.getsource(inspect.getmodule(SimpleCNN)).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"digits-cnn-trained-seed{seed}-torch{torch.__version__.split('+')[0]}-{code_key}.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SimpleCNN()
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, EOFError):
+        train(model, seed=seed)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+    return model.eval()
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -169,14 +169,49 @@ def minilm(*, seq_len: int = 64, seed: int = 0) -> Workload:
         finally:
             model.train(was_training)
 
+    reference: list[torch.Tensor] = []
+
+    def evaluate(candidate: nn.Module) -> float:
+        """Mean cosine similarity of `candidate`'s embeddings of `eval_sentences()` to the pretrained model's.
+
+        The reference embeddings come from the checkpoint reloaded on first use, so the metric
+        is against the original weights however `model` was changed since.
+        """
+        if not reference:
+            with _hub_offline():
+                original = transformers.AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+            reference.append(_embed_sentences(SentenceEmbedder(original).eval(), tokenize))
+        return float(F.cosine_similarity(_embed_sentences(candidate, tokenize), reference[0], dim=1).mean())
+
     return Workload(
         model,
         make_batch,
         loss_fn=contrastive_loss,
+        evaluate=evaluate,
         name="minilm",
         default_batch_size=32,
         extras={"mode": "infer", "tokenizer": tokenizer, "sentences": SENTENCES, "embed": embed},
     )
+
+
+def eval_sentences() -> tuple[str, ...]:
+    """The 230 fixed English sentences (data/sentences.txt) on which `evaluate` compares embeddings."""
+    from importlib.resources import files
+
+    text = files("memwise.workloads").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _embed_sentences(model: nn.Module, tokenize: Any, batch_size: int = 32) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sentences = list(eval_sentences())
+            parts = [model(**tokenize(sentences[start : start + batch_size])) for start in range(0, len(sentences), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts).float()
 
 
 @contextlib.contextmanager

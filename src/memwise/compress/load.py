@@ -1,0 +1,165 @@
+"""Saving and loading compressed models: `model.pt` holds the whole module, so no user code changes.
+
+Why a pickled module and not a state dict or `torch.export`: a pruned model has different layer
+shapes than its class builds, and a quantized model has different layer types (quantized Conv2d,
+dynamic quantized Linear, int8 embeddings). A state dict cannot rebuild either without the recipe,
+and `torch.export` cannot serialize eager quantized modules (their packed weights are opaque
+script objects) and would fix the input shapes. `torch.save(module)` stores classes by import path
+plus every tensor, so `load_compressed` rebuilds exactly what was evaluated, as long as the
+model's class is importable where it is loaded (the same requirement as `torch.load` of any
+module). Loading unpickles: only load files you trust.
+
+The file is a dict with a format tag and version, so a wrong file is refused with a clear message.
+Weights that are sparse enough are stored as CSR tensors (int32 indices) and made dense again on
+load; `size_bytes` everywhere is the length of exactly these bytes.
+"""
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memwise.core.errors import BadInputError
+from memwise.report.atomic import write_atomic
+
+FORMAT_TAG = "memwise-compressed-model"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+
+
+def serialize(model: nn.Module, *, sparse: bool = False, metadata: dict[str, Any] | None = None) -> bytes:
+    """Returns the bytes of `model.pt` for `model` (the model itself is not modified).
+
+    Args:
+        model: the module to store.
+        sparse: store each float parameter as a CSR tensor where that is smaller than dense.
+        metadata: JSON-ready facts stored alongside (methods applied, metric).
+    """
+    module = _picklable_copy(model)
+    sparse_weights: dict[str, dict[str, Any]] = {}
+    if sparse:
+        for name, parameter in list(module.named_parameters()):
+            packed = pack_sparse(parameter.detach())
+            if packed is not None:
+                sparse_weights[name] = packed
+                _set_parameter(module, name, nn.Parameter(torch.empty(0, dtype=parameter.dtype), requires_grad=False))
+    payload = {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "module": module,
+        "sparse": sparse_weights,
+        "metadata": dict(metadata or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def saved_size_bytes(model: nn.Module, *, sparse: bool = False) -> int:
+    """The size in bytes of the `model.pt` that `serialize` writes for `model`."""
+    return len(serialize(model, sparse=sparse))
+
+
+def save_compressed(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes serialized model bytes to `path` atomically (a reader never sees half a model)."""
+    return write_atomic(path, data)
+
+
+def load_compressed(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuilds a model saved by `memwise compress` (pruned shapes and quantized modules included).
+
+    Args:
+        path: the output directory of `memwise compress` or its `model.pt`.
+
+    Returns:
+        The model in eval mode, with sparse-stored weights dense again.
+
+    Raises:
+        BadInputError: the path does not exist or is not a memwise compressed model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise BadInputError(f"load_compressed path: {str(path)!r} does not exist; give the --out directory of memwise compress or its {MODEL_FILE}")
+    return deserialize(path.read_bytes(), where=str(path))
+
+
+def deserialize(data: bytes, *, where: str = "model bytes") -> nn.Module:
+    """The inverse of `serialize`."""
+    _import_quantization_modules()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            payload = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+        except Exception as error:
+            raise BadInputError(f"load_compressed: {where} is not a readable torch file ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+        raise BadInputError(f"load_compressed: {where} is not a memwise compressed model (no {FORMAT_TAG!r} header)")
+    if payload.get("version") != FORMAT_VERSION:
+        raise BadInputError(f"load_compressed: {where} has format version {payload.get('version')!r}; this memwise reads {FORMAT_VERSION}")
+    module = payload["module"]
+    for name, packed in payload["sparse"].items():
+        _set_parameter(module, name, nn.Parameter(unpack_sparse(packed), requires_grad=False))
+    return module.eval()
+
+
+def pack_sparse(tensor: torch.Tensor) -> dict[str, Any] | None:
+    """A CSR form of `tensor` (as 2-D, int32 indices) if its bytes are fewer than dense, else None."""
+    if not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() < 256:
+        return None
+    matrix = tensor.reshape(tensor.shape[0], -1)
+    nonzero = int(torch.count_nonzero(matrix))
+    index_bytes = 4
+    sparse_bytes = nonzero * (tensor.element_size() + index_bytes) + (matrix.shape[0] + 1) * index_bytes
+    if sparse_bytes >= tensor.numel() * tensor.element_size():
+        return None
+    csr = matrix.to_sparse_csr()
+    return {
+        "shape": list(tensor.shape),
+        "crow_indices": csr.crow_indices().to(torch.int32),
+        "col_indices": csr.col_indices().to(torch.int32),
+        "values": csr.values().clone(),
+    }
+
+
+def unpack_sparse(packed: dict[str, Any]) -> torch.Tensor:
+    shape = packed["shape"]
+    rows = shape[0]
+    columns = 1
+    for size in shape[1:]:
+        columns *= size
+    csr = torch.sparse_csr_tensor(
+        packed["crow_indices"].to(torch.int64), packed["col_indices"].to(torch.int64), packed["values"], size=(rows, columns)
+    )
+    return csr.to_dense().reshape(shape)
+
+
+def _picklable_copy(model: nn.Module) -> nn.Module:
+    module = copy.deepcopy(model)
+    for submodule in module.modules():
+        # torchao's quantize_ sets a per-instance `extra_repr` (a functools.partial) that pickle rejects.
+        submodule.__dict__.pop("extra_repr", None)
+        # Hooks (e.g. left over from profiling or pruning) hold closures; a saved model needs none.
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            getattr(submodule, hooks).clear()
+    return module
+
+
+def _set_parameter(module: nn.Module, name: str, value: nn.Parameter) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, leaf, value)
+
+
+def _import_quantization_modules() -> None:
+    # Unpickling a quantized module needs its class and its packed-weight ops registered.
+    import torch.ao.nn.quantized  # noqa: F401
+    import torch.ao.nn.quantized.dynamic  # noqa: F401
+
+    import memwise.compress.quantize  # noqa: F401

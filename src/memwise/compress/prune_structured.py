@@ -1,0 +1,143 @@
+"""Structured pruning with Torch-Pruning: remove whole channels and neurons, so layers really shrink.
+
+Torch-Pruning's dependency graph removes an output channel of a layer together with everything
+that consumes it (the next conv's input channel, the matching columns of a Linear after a flatten,
+normalization entries), so the pruned model is an ordinary smaller model of the same class.
+Which layers to prune, and how much, comes from a sensitivity scan: each layer is pruned alone at
+each ratio and the metric drop measured.
+
+Known limitations: a layer whose pruning changes the model's output shape (the classifier, a
+residual stream's width) or breaks its forward (attention heads reshaped with a fixed head count)
+is not a candidate; attention heads are therefore not removed in this version.
+"""
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memwise.compress.quantize import MethodSkipped
+from memwise.core.workload import call_model
+
+SCAN_RATIOS = (0.25, 0.5, 0.75)
+
+
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as error:
+        raise MethodSkipped("structured pruning needs Torch-Pruning: pip install 'memwise[compress]'") from error
+    return torch_pruning
+
+
+def prune_structured(model: nn.Module, example_inputs: Any, ratios: dict[str, float]) -> nn.Module:
+    """A copy of `model` with `ratios[name]` of the output channels/neurons of each named layer removed.
+
+    Channels are ranked by the L2 norm of their whole dependency group (Torch-Pruning's
+    `GroupMagnitudeImportance`). Layers not named keep their outputs but lose the inputs that fed
+    from removed channels.
+    """
+    tp = _torch_pruning()
+    pruned = copy.deepcopy(model).eval()
+    roots = {name: pruned.get_submodule(name) for name, ratio in ratios.items() if ratio > 0}
+    ignored = [
+        module for name, module in pruned.named_modules()
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM)) and name not in roots
+    ]
+    pruner = tp.pruner.MetaPruner(
+        pruned,
+        example_inputs,  # Torch-Pruning calls model(**inputs) for a dict, model(*inputs) for a tuple
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.0,
+        pruning_ratio_dict={module: ratios[name] for name, module in roots.items()},
+        ignored_layers=ignored,
+    )
+    pruner.step()
+    for parameter in pruned.parameters():
+        parameter.requires_grad_(True)
+    return pruned
+
+
+def candidate_layers(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Conv/Linear layers that can lose half their outputs without changing the model's output shape."""
+    _torch_pruning()
+    with torch.no_grad():
+        reference_shape = _output_shape(call_model(model, example_inputs))
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            continue
+        try:
+            pruned = prune_structured(model, example_inputs, {name: 0.5})
+            with torch.no_grad():
+                shape = _output_shape(call_model(pruned, example_inputs))
+        except Exception:  # noqa: BLE001 - a layer Torch-Pruning or the forward cannot handle is simply not a candidate
+            continue
+        if shape == reference_shape and parameter_count(pruned) < parameter_count(model):
+            names.append(name)
+    return names
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sensitivity:
+    """Metric drop when one layer alone is pruned at each ratio (measured, no recovery)."""
+
+    layer: str
+    drop_by_ratio: dict[float, float]
+    parameters_removed_by_ratio: dict[float, int]
+
+
+def sensitivity_scan(
+    model: nn.Module,
+    example_inputs: Any,
+    evaluate: Callable[[nn.Module], float],
+    layers: list[str],
+    *,
+    ratios: tuple[float, ...] = SCAN_RATIOS,
+    on_step: Callable[[], bool] | None = None,
+) -> list[Sensitivity]:
+    """Prunes each layer alone at each ratio and measures the drop of `evaluate` from the original.
+
+    `on_step()` is called after each evaluation; returning False stops the scan (budget spent).
+    """
+    base_metric = evaluate(model)
+    base_parameters = parameter_count(model)
+    scan = []
+    for layer in layers:
+        drops, removed = {}, {}
+        for ratio in ratios:
+            pruned = prune_structured(model, example_inputs, {layer: ratio})
+            drops[ratio] = base_metric - evaluate(pruned)
+            removed[ratio] = base_parameters - parameter_count(pruned)
+            if on_step is not None and not on_step():
+                scan.append(Sensitivity(layer=layer, drop_by_ratio=drops, parameters_removed_by_ratio=removed))
+                return scan
+        scan.append(Sensitivity(layer=layer, drop_by_ratio=drops, parameters_removed_by_ratio=removed))
+    return scan
+
+
+def ratios_from_scan(scan: list[Sensitivity], tolerated_drop: float) -> dict[str, float]:
+    """For each layer, the largest scanned ratio whose drop alone is at most `tolerated_drop`."""
+    ratios = {}
+    for item in scan:
+        allowed = [ratio for ratio, drop in item.drop_by_ratio.items() if drop <= tolerated_drop]
+        if allowed:
+            ratios[item.layer] = max(allowed)
+    return ratios
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _output_shape(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (tuple, list)):
+        return tuple(_output_shape(item) for item in output)
+    if isinstance(output, dict):
+        return tuple((key, _output_shape(value)) for key, value in output.items())
+    return type(output).__name__
