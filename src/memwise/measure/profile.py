@@ -11,10 +11,11 @@ import torch
 from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Mode, Recipe
-from memwise.core.step import StepRunner, resolve_recipe
+from memwise.core.step import StepRunner, resolve_recipe, run_device
 from memwise.core.workload import Workload
 from memwise.measure.memory_log import Breakdown
 from memwise.measure.observer import StepObserver
+from memwise.measure.reference import reference_peak_bytes
 from memwise.measure.tracker import persistent_tensors, record_steps, storage_key
 
 ProgressCallback = Callable[[int, int], None]
@@ -31,8 +32,10 @@ class Profile(Breakdown):
 
     Attributes:
         step_ms: median wall time of a step while tracked (steps after the first when there are several).
-        reference_peak_bytes: the peak of a plain `torch.profiler` pass without memwise hooks
-            (`verify=True`), else None.
+        reference_peak_bytes: `verify=True`: the peak of the same steps run again on a fresh copy
+            of the model with no memwise hooks, read from the allocator alone (on CPU the running
+            sum of the profiler's memory events, on CUDA `torch.cuda.max_memory_allocated`) by
+            `memwise.measure.reference`, which shares no code with the measurement; else None.
         cuda_max_allocated_bytes: `torch.cuda.max_memory_allocated` over the tracked steps
             minus what was allocated before them plus the baseline (CUDA only), else None.
     """
@@ -71,8 +74,8 @@ def profile(
         steps: how many steps to measure (>= 1).
         mode: `train` (forward, loss, backward, optimizer step, zero_grad) or `infer`.
         device: `cpu` or a CUDA device.
-        verify: also run the steps under a plain `torch.profiler` pass with no memwise hooks and
-            report its peak as `reference_peak_bytes`.
+        verify: also run the steps again without memwise's hooks and report the allocator's own
+            peak for them as `reference_peak_bytes` (see `memwise.measure.reference`).
         progress: called as `progress(done, total)` after every step.
 
     Returns:
@@ -86,7 +89,7 @@ def profile(
     positive_int(steps, "steps")
     mode = _mode(mode)
     recipe = resolve_recipe(workload, recipe)
-    device = _device(device)
+    device = run_device(device)
     total_steps = steps * (2 if verify else 1)
     done = [0]
     if progress is not None:
@@ -97,12 +100,11 @@ def profile(
         if progress is not None:
             progress(done[0], total_steps)
 
-    log, step_ms, cuda_peak = _measure(workload, recipe, mode, device, steps, with_marks=True, tick=tick)
+    log, step_ms, cuda_peak = _measure(workload, recipe, mode, device, steps, tick=tick)
     breakdown: Breakdown = log.summarize()
     reference = None
     if verify:
-        reference_log, _, _ = _measure(workload, recipe, mode, device, steps, with_marks=False, tick=tick)
-        reference = reference_log.summarize().peak_bytes
+        reference = reference_peak_bytes(lambda: _plain_steps(workload, recipe, mode, device, steps, tick), device)
     timed = step_ms[1:] if len(step_ms) > 1 else step_ms
     return Profile(
         workload=workload.name,
@@ -121,7 +123,7 @@ def profile(
 
 def _measure(
     workload: Workload, recipe: Recipe, mode: Mode, device: torch.device, steps: int, *,
-    with_marks: bool, tick: Callable[[], None],
+    tick: Callable[[], None],
 ) -> tuple[Any, list[float], int | None]:
     model = copy.deepcopy(workload.model).to(device)
     observer = StepObserver(model, storage_key)
@@ -139,7 +141,7 @@ def _measure(
         torch.cuda.reset_peak_memory_stats(device)
         allocated_before = torch.cuda.memory_allocated(device)
     persistent = persistent_tensors(model, runner.handle.effects.optimizer_owned)
-    log, step_ms = record_steps(run_step, model, persistent, mode=mode.value, steps=steps, device=device, with_marks=with_marks)
+    log, step_ms = record_steps(run_step, model, persistent, mode=mode.value, steps=steps, device=device)
     log.notes.extend(runner.handle.notes)
     runner.close()
     if device.type == "cuda":
@@ -148,20 +150,18 @@ def _measure(
     return log, step_ms, cuda_peak
 
 
+def _plain_steps(workload: Workload, recipe: Recipe, mode: Mode, device: torch.device, steps: int, tick: Callable[[], None]) -> None:
+    """The measured steps with nothing of memwise's measurement around them: for the reference peak."""
+    model = copy.deepcopy(workload.model).to(device)  # inside the reference's window: the weights count
+    runner = StepRunner(workload, recipe, mode, model, device)
+    for _ in range(steps):
+        runner.step()
+        tick()
+    runner.close()
+
+
 def _mode(mode: Mode | str) -> Mode:
     try:
         return Mode(mode)
     except ValueError:
         raise BadInputError(f"mode: invalid value {mode!r}; valid values are train, infer") from None
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise BadInputError(f"device: cannot read {device!r}; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("device: CUDA is not available on this machine; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise BadInputError(f"device: {device.type!r} is not supported for measurement; use cpu or cuda")
-    return device
