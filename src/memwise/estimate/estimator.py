@@ -7,15 +7,7 @@ import psutil
 
 from memwise.core.devices import DeviceSpec, custom_device, get_device
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import (
-    CheckpointMode,
-    Mode,
-    OffloadMode,
-    OptimizerName,
-    OptimizerStateDtype,
-    Precision,
-    Recipe,
-)
+from memwise.core.recipe import Mode, Precision, Recipe
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
@@ -280,33 +272,16 @@ def _what_if(
         other = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None)
         return row(change, other.breakdown.peak_bytes, "estimated")
 
+    # The remedies and their wording live in plan/remedies.py, the one place that knows them; it
+    # imports only core/, and is imported here at call time because plan/ sits above estimate/.
+    from memwise.plan.remedies import remedy_context, what_if_candidates
+
+    context = remedy_context(recipe, train=mode == Mode.TRAIN, gpu=spec.kind == "cuda",
+                             has_optimizer_factory=workload.optimizer_factory is not None)
     rows = []
-    train = mode == Mode.TRAIN
-    gpu = spec.kind == "cuda"
-    if recipe.batch_size > 1:
-        half = recipe.batch_size // 2
-        rows.append(rerun(f"batch size halved ({recipe.batch_size} -> {half})", recipe.replace(batch_size=half, micro_batch_size=None)))
-        micro = recipe.micro_batch_size or recipe.batch_size
-        if train and micro % 2 == 0:
-            rows.append(rerun(f"micro-batch {micro // 2}, same effective batch {recipe.batch_size}", recipe.replace(micro_batch_size=micro // 2)))
-    if recipe.precision == Precision.FP32:
-        rows.append(rerun("bf16 autocast", recipe.replace(precision=Precision.BF16)))
-    if train and recipe.checkpoint == CheckpointMode.NONE:
-        rows.append(rerun("full activation checkpointing", recipe.replace(checkpoint=CheckpointMode.FULL)))
-        rows.append(rerun("selective activation checkpointing", recipe.replace(checkpoint=CheckpointMode.SELECTIVE)))
-    state = breakdown.by_category.get("optimizer_state", 0)
-    adam = recipe.optimizer in (OptimizerName.ADAM, OptimizerName.ADAMW) or (recipe.optimizer is None and workload.optimizer_factory is None)
-    if train and state and recipe.optimizer_state == OptimizerStateDtype.FP32:
-        for dtype, factor in ((OptimizerStateDtype.BF16, 2), (OptimizerStateDtype.INT8, 4)):
-            change = f"{dtype.value} optimizer state"
-            if adam:
-                rows.append(rerun(change, recipe.replace(optimizer_state=dtype)))
-            else:
-                rows.append(row(change, breakdown.peak_bytes - state + state // factor, "analytic"))
-    if gpu and train and recipe.offload == OffloadMode.NONE:
-        rows.append(rerun("optimizer state offloaded to host", recipe.replace(offload=OffloadMode.OPTIMIZER)))
-        rows.append(rerun("saved activations offloaded to host", recipe.replace(offload=OffloadMode.ACTIVATIONS)))
-    resident = sum(breakdown.by_category.get(c, 0) for c in ("param", "grad", "optimizer_state"))
-    if resident:
-        rows.append(row("half of the layers kept on host (weights, grads, state)", breakdown.peak_bytes - resident // 2, "analytic"))
+    for candidate in what_if_candidates(recipe, context, peak_bytes=breakdown.peak_bytes, by_category=breakdown.by_category):
+        if candidate.recipe is not None:
+            rows.append(rerun(candidate.change, candidate.recipe))
+        else:
+            rows.append(row(candidate.change, candidate.analytic_peak_bytes, "analytic"))
     return tuple(rows)
