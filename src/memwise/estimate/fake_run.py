@@ -28,6 +28,7 @@ from memwise.core.recipe import Mode, OffloadMode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_autocast import cuda_autocast_rules
+from memwise.estimate.block_stack import BlockTagger, TaggedLog
 from memwise.estimate.known_values import KnownValues, real_branches
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
 from memwise.measure.memory_log import HOST, ROOT_MODULE, MemoryLog
@@ -61,6 +62,7 @@ class FakeAllocations(TorchDispatchMode):
         self.offload_optimizer = False
         self.host_scope = False
         self.known = KnownValues()
+        self.tagger: BlockTagger | None = None
 
     def settle_accumulation(self) -> None:
         """Turns the last backward `add` into the in-place add the real run makes, if it was one.
@@ -163,9 +165,14 @@ class FakeAllocations(TorchDispatchMode):
                     new_storages.append((position, storage))
         probed = self.probe.measure(func, args, kwargs, sum(s.nbytes() for _, s in new_storages)) if self.probe else NO_PROBE
         real_sizes = probed.output_storage_bytes if len(probed.output_storage_bytes) == len(leaves) else None
+        tagger = self.tagger
         for position, storage in new_storages:
+            if tagger is not None:
+                tagger.output_block = tagger.block_of_output(func, args, self._known_key, position)
             # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
             self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
+        if tagger is not None:
+            tagger.output_block = tagger.block_of_output(func, args, self._known_key, None) if probed.scratch_bytes else None
         if func is _ADD and self.phase == "backward" and new_storages and _same_layout(args[0], leaves[0]) and _owns_storage(args[0]):
             self._pending_accumulation = (
                 len(self.log.events) - 1, weakref.ref(args[0].untyped_storage()), self.key_of(args[0]),
@@ -175,7 +182,15 @@ class FakeAllocations(TorchDispatchMode):
             key = next(self.counter)
             self.log.alloc(key, self.round_size(probed.scratch_bytes))
             self.log.free(key)
+            if tagger is not None:
+                tagger.output_block = None
         return output
+
+    def _known_key(self, tensor: torch.Tensor) -> int | None:
+        """The log key of `tensor`'s storage, None when it is not tracked (never registers it)."""
+        storage = tensor.untyped_storage()
+        known = self.keys.get(id(storage))
+        return known[0] if known is not None and known[1]() is storage else None
 
     def _error(self, func: Any, what: str) -> SymbolicExecutionError:
         module = self.module_stack[-1] if self.module_stack else ROOT_MODULE
@@ -240,6 +255,7 @@ def fake_step_log(
     optimizer_foreach: bool | None = None,
     cuda_autocast: bool = False,
     offload_to_host: bool = False,
+    blocks: BlockTagger | None = None,
 ) -> MemoryLog:
     """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write.
 
@@ -247,13 +263,23 @@ def fake_step_log(
     step is inside the rules, so checkpointed blocks recompute under them too). With
     `offload_to_host` (a GPU target), the recipe's `offload` is played as on a GPU: the optimizer
     step's allocations, or the copies of tensors saved for backward, are logged as host memory.
+    With `blocks`, the model runs with the first blocks of its stack only and every event is
+    tagged with its block (see `block_stack.stacked_step_log`).
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    model = fake_model(workload.model, fake_mode)
+    with blocks.truncated(workload.model) if blocks else contextlib.nullcontext():
+        model = fake_model(workload.model, fake_mode)
     with fake_mode:  # strategies (bf16 weights, master copies) change the fake model before logging starts
         runner = StepRunner(workload, recipe, mode, model, torch.device("cpu"), optimizer_foreach=optimizer_foreach)
-    log = MemoryLog(mode=mode.value, module_names=module_names(model))
+    if blocks is not None:
+        log = TaggedLog(blocks, mode=mode.value, module_names=module_names(model))
+        blocks.attach(model)
+    else:
+        log = MemoryLog(mode=mode.value, module_names=module_names(model))
     recorder = FakeAllocations(log, round_size=round_size, probe=probe)
+    recorder.tagger = blocks
+    if blocks is not None:
+        blocks.module_stack, blocks.phase = recorder.module_stack, lambda: recorder.phase
     if not offload_to_host:  # a GPU target plays offload and allocator settings itself: notes about this CPU would mislead
         log.notes.extend(runner.handle.notes)
     for tensor, category, owner in persistent_tensors(model, runner.handle.effects.optimizer_owned):
@@ -290,4 +316,6 @@ def fake_step_log(
             observer.optimizer = None
     finally:
         hooks.remove()
+        if blocks is not None:
+            blocks.detach()
     return log

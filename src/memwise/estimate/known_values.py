@@ -52,12 +52,16 @@ class KnownValues:
         """Computes the real twins of `output` (flattened: `output_leaves`) when every tensor input
         of `func` is known and small."""
         outputs = [value for value in output_leaves if isinstance(value, torch.Tensor)]
-        if not outputs or any(value.numel() > self.max_numel for value in outputs):
+        mutates = getattr(getattr(func, "_schema", None), "is_mutable", False)
+        if not mutates and (not outputs or any(value.numel() > self.max_numel for value in outputs)):
             return
         if getattr(func, "namespace", None) in _SKIP_NAMESPACES:
             return
         inputs = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
         if any(not self.knows(value) or value.numel() > self.max_numel for value in inputs):
+            if mutates:  # an in-place op on a known tensor with unknown operands: its value is lost
+                for value in inputs:
+                    self._twins.pop(value, None)
             return
         real_args, real_kwargs = tree_map(
             lambda value: self.value_of(value) if isinstance(value, torch.Tensor) else value, (args, kwargs)
