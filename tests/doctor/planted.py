@@ -254,3 +254,40 @@ IN_PROCESS = {
     "repeated_host_to_device_copy": plant_repeated_host_to_device_copy,
 }
 SCRIPTED = tuple(_PLANTS)
+
+
+class PythonRows(torch.utils.data.Dataset):
+    """Rows kept as Python lists of floats: each DataLoader worker copies the pages it reads."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = [[float(j) for j in range(i, i + 24)] for i in range(rows)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor(self.rows[index])
+
+
+class TensorRows(PythonRows):
+    """The same rows in one tensor (the fix)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = torch.arange(rows * 24, dtype=torch.float32).reshape(rows, 24)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.rows[index]
+
+
+def plant_dataloader_worker_rss_growth(fixed: bool, rows: int = 60_000) -> Planted:
+    """Two workers read every row once; the planted size is not known in advance (RSS), so it is 0."""
+    model = nn.Linear(24, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader((TensorRows if fixed else PythonRows)(rows), batch_size=rows // 8, num_workers=2)
+    with watch(model, optimizer) as w:
+        for x in loader:
+            model(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return Planted("dataloader_worker_rss_growth", w.result(), inspect.getsourcefile(PythonRows),
+                   inspect.getsourcelines(PythonRows)[1], 0)

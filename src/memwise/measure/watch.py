@@ -382,6 +382,12 @@ class Watch:
         self.manual_steps = True
         self._end_step()
 
+    def begin_forward(self) -> None:
+        """Marks the start of a step's forward, for frameworks whose step may not call the watched
+        module itself (Lightning's `training_step` can call its submodules directly)."""
+        if self._active and self._phase != "forward":
+            self._set_phase("forward")
+
     def result(self) -> WatchResult:
         """The measured steps and the hazards found.
 
@@ -484,9 +490,12 @@ class Watch:
         return False
 
     def _on_optimizer_begin(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._active and self._is_watched(optimizer):
-            self._claim_grads()
-            self._set_phase("optimizer")
+        if not (self._active and self._is_watched(optimizer)):
+            return
+        if (args and args[0] is not None) or kwargs.get("closure") is not None:
+            return  # step(closure): forward and backward run inside (Lightning); they mark their phases
+        self._claim_grads()
+        self._set_phase("optimizer")
 
     def _on_optimizer_end(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not (self._active and self._is_watched(optimizer)):
