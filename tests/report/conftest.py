@@ -28,52 +28,28 @@ def hostile_profile(profile_result: memwise.Profile) -> memwise.Profile:
     return dataclasses.replace(profile_result, workload='<script>alert("x")</script> & [bold]mlp[/bold] | *a*')
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EstimateLike:
-    """The fields an `Estimate` will have, optional ones set: what the renderers must show."""
-
-    workload: str
-    device: str
-    batch_size: int
-    peak_bytes: int
-    baseline_bytes: int
-    by_category: dict
-    by_module: tuple
-    phase_at_peak: str
-    timeline: object
-    low_bytes: int
-    high_bytes: int
-    reserved_bytes: int
-    budget_bytes: int
-    fits: bool
-    reference_peak_bytes: int
-    what_if: list
-    assumptions: list
-    source: str = "estimated"
+@pytest.fixture(scope="session")
+def verified_profile() -> memwise.Profile:
+    """A real profile with `verify=True`, so it has a reference peak."""
+    workload = memwise.load_workload("mlp", {"width": 32, "depth": 1})
+    return memwise.profile(workload, memwise.Recipe(batch_size=8), steps=1, verify=True)
 
 
 @pytest.fixture(scope="session")
-def estimate_like(profile_result: memwise.Profile) -> EstimateLike:
-    peak = profile_result.peak_bytes
-    return EstimateLike(
-        workload="mlp",
-        device="cuda:0 (H100 80GB)",
-        batch_size=16,
-        peak_bytes=peak,
-        baseline_bytes=profile_result.baseline_bytes,
-        by_category=profile_result.by_category,
-        by_module=profile_result.by_module,
-        phase_at_peak=profile_result.phase_at_peak,
-        timeline=profile_result.timeline,
-        low_bytes=peak - 1024,
-        high_bytes=peak + 1024,
-        reserved_bytes=peak * 2,
-        budget_bytes=peak * 4,
-        fits=True,
-        reference_peak_bytes=peak // 2,
-        what_if=[
-            {"change": "precision=bf16", "peak_bytes": peak // 2},
-            {"change": "checkpoint=full <all>", "peak_bytes": peak * 3 // 4},
-        ],
-        assumptions=["the optimizer is AdamW", "no <other> process uses the GPU"],
+def estimate_result() -> memwise.Estimate:
+    """A real `Estimate` for a catalog GPU (estimated on this CPU): CUDA fields, a budget, what-ifs."""
+    workload = memwise.load_workload("gpt", {"preset": "tiny"}, materialize=False)
+    result = memwise.estimate(workload, memwise.Recipe(batch_size=4, optimizer="sgd"), "H100-80GB", budget_bytes=2**30)
+    assert result.reserved_bytes is not None and result.context_bytes is not None and result.what_if
+    return result
+
+
+@pytest.fixture(scope="session")
+def hostile_estimate(estimate_result: memwise.Estimate) -> memwise.Estimate:
+    """The real estimate with markup in a what-if change and an assumption (as a user's workload could put there)."""
+    first = dataclasses.replace(estimate_result.what_if[0], change="checkpoint=full <all> | *b*")
+    return dataclasses.replace(
+        estimate_result,
+        what_if=(first, *estimate_result.what_if[1:]),
+        assumptions=(*estimate_result.assumptions, "no <other> process uses the GPU"),
     )

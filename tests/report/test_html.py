@@ -34,10 +34,12 @@ def test_html_escapes_a_hostile_workload_name(hostile_profile):
     assert "No plot." in page
 
 
-def test_html_shows_what_if_and_assumptions(estimate_like):
-    page = render_html(estimate_like, None)
+def test_html_shows_what_if_and_assumptions(hostile_estimate):
+    page = render_html(hostile_estimate, None)
 
     assert "<h2>What if</h2>" in page
-    assert "<td>checkpoint=full &lt;all&gt;</td>" in page
+    assert "<td>checkpoint=full &lt;all&gt; | *b*</td>" in page
+    for row in hostile_estimate.what_if[1:]:
+        assert f"<td>{row.change}</td>" in page
     assert "<li>no &lt;other&gt; process uses the GPU</li>" in page
-    assert "estimated on cuda:0 (H100 80GB)" in page
+    assert "estimated on H100-80GB" in page

@@ -90,21 +90,39 @@ def test_module_table_rejects_a_bad_limit(profile_result):
         module_table(profile_result, limit=0)
 
 
-def test_optional_estimate_fields_are_shown(estimate_like):
-    markdown = render_markdown(estimate_like)
-    terminal = _terminal_text(estimate_like)
+def test_optional_estimate_fields_are_shown(estimate_result):
+    estimate = estimate_result
+    markdown = render_markdown(estimate)
+    terminal = _terminal_text(estimate)
 
     for text in (markdown, terminal):
-        assert f"{format_bytes(estimate_like.low_bytes)} – {format_bytes(estimate_like.high_bytes)}" in text
-        assert "peak / reference = 2.000" in text
-        assert f"{format_bytes(estimate_like.budget_bytes)}: fits" in text
-        assert format_bytes(estimate_like.reserved_bytes) in text
-        assert "estimated" in text
-        assert "the optimizer is AdamW" in text
-    assert "| precision=bf16 | " + format_bytes(estimate_like.peak_bytes // 2) + " | " in markdown
-    assert "(-50.0%)" in markdown
+        assert f"{format_bytes(estimate.low_bytes)} – {format_bytes(estimate.high_bytes)}" in text
+        assert f"{format_bytes(estimate.budget_bytes)}: fits" in text
+        assert format_bytes(estimate.reserved_bytes) in text and format_bytes(estimate.context_bytes) in text
+        assert "estimated" in text and "H100-80GB" in text
+        assert estimate.assumptions[-1] in text  # how the model was built (plain words: no Markdown escapes)
+    what_if_rows = [line for line in markdown.split("## What if")[1].splitlines() if line.startswith("| ")][2:]  # header, rule
+    assert len(what_if_rows) == len(estimate.what_if)
+    for row, line in zip(estimate.what_if, what_if_rows):
+        assert row.change in terminal
+        delta = row.peak_bytes - estimate.peak_bytes
+        assert f" | {format_bytes(row.peak_bytes)} | " in line and f"({100 * delta / estimate.peak_bytes:+.1f}%)" in line
+        assert line.endswith(f"| {'yes' if row.fits else 'no'} | {row.method} |")
+
+
+def test_markup_in_an_estimate_is_escaped(hostile_estimate):
+    markdown = render_markdown(hostile_estimate)
+    terminal = _terminal_text(hostile_estimate)
+
     assert r"no \<other\> process uses the GPU" in markdown
-    assert "checkpoint=full <all>" in terminal
+    assert r"checkpoint=full \<all\> \| \*b\*" in markdown
+    assert "checkpoint=full <all> | *b*" in terminal
+
+
+def test_reference_peak_is_shown_with_its_ratio(verified_profile):
+    ratio = verified_profile.peak_bytes / verified_profile.reference_peak_bytes
+    for text in (render_markdown(verified_profile), _terminal_text(verified_profile)):
+        assert f"peak / reference = {ratio:.3f}" in text
 
 
 def test_absent_optional_fields_are_not_shown(profile_result):
