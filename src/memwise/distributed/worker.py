@@ -128,9 +128,14 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
 
     measured = min(config.measure_steps, config.steps)
     log, step_ms = record_steps(run_step, model, persistent, mode="train", steps=measured + 1, device=device)
-    _add_unseen_frees(log)
+    wrapped = state["wrapped"]
+    _free_replaced_originals(log, {local_storage_key(t) for t in [*wrapped.parameters(), *wrapped.buffers()]})
     if config.strategy == DistStrategy.DDP:
+        # DDP's gradient buckets: made at wrap time, and again when DDP rebuilds them in the order
+        # gradients became ready (second step); they live for the whole run.
         _claim_wrap_buffers(log, "grad")
+        _claim_live_at_end(log, "grad")
+    _add_unseen_frees(log)
     breakdown = log.summarize()
     runner = state["runner"]
     runner.on_phase = lambda phase: None
@@ -185,28 +190,76 @@ def _save(config: DistributedTrainConfig, rank: int, model: torch.nn.Module, opt
     write_atomic_with(directory / f"memwise-train-rank{rank}.pt", lambda handle: torch.save(payload, handle))
 
 
-def _add_unseen_frees(log: Any) -> None:
-    """Inserts the frees the profiler missed: an allocation at an address the log still holds live.
+def _free_replaced_originals(log: Any, kept_keys: set[int]) -> None:
+    """Frees, before the first forward, the storages alive before the wrap that the wrapped model no
+    longer holds (FSDP2 replaces each parameter by its shard; the original goes when the wrap drops
+    it). Their frees can be missing from the profiler's stream; without this they would stay live."""
+    first_forward = next((i for i, event in enumerate(log.events) if event[0] == "phase" and event[1] == "forward"), None)
+    if first_forward is None:
+        return
+    freed = {event[1] for event in log.events[:first_forward] if event[0] == "free"}
+    replaced = [event[1] for event, time_ns in zip(log.events[:first_forward], log.times_ns[:first_forward])
+                if event[0] == "alloc" and time_ns is None and event[1] not in kept_keys and event[1] not in freed]
+    for key in replaced:
+        log.events.insert(first_forward, ("free", key))
+        log.times_ns.insert(first_forward, log.times_ns[first_forward])
 
-    gloo runs collectives on its own threads, where the profiler records nothing: the input clone
-    that its reduce-scatter makes on the calling thread is freed on a worker thread. The allocator
-    cannot hand out a live address, so when it does, the earlier block was freed before; the free
-    is placed at the reuse (the latest it can have happened), so the peak errs high, not low.
+
+def _add_unseen_frees(log: Any) -> None:
+    """Inserts the frees the profiler missed, found by address reuse.
+
+    gloo runs collectives on its own threads, where the profiler records nothing: the input copy its
+    collectives make on the calling thread (e.g. reduce-scatter's clone) is freed on a worker
+    thread. The allocator cannot hand out a live address, so an allocation at an address the log
+    still holds proves the earlier block was freed; so does a block made during the steps that is
+    still live, unclaimed, at the end. FSDP2 calls these collectives synchronously, so
+    the calling thread is blocked from the copy's allocation until the collective ends: nothing else
+    happens on it in between, and the free goes right after the allocation (its bytes still count
+    at that instant).
     """
-    live: set[Any] = set()
-    events, times = [], []
-    for event, time_ns in zip(log.events, log.times_ns):
-        kind = event[0]
-        if kind == "alloc":
+    live: dict[Any, int] = {}
+    free_after: set[int] = set()
+    claimed: set[Any] = set()
+    first_forward = len(log.events)
+    for index, event in enumerate(log.events):
+        if event[0] == "alloc":
             if event[1] in live:
-                events.append(("free", event[1]))
-                times.append(time_ns)
-            live.add(event[1])
-        elif kind == "free":
-            live.discard(event[1])
+                free_after.add(live[event[1]])
+            live[event[1]] = index
+        elif event[0] == "free":
+            live.pop(event[1], None)
+        elif event[0] == "claim":
+            claimed.update(key for key, _ in event[2])
+        elif event[0] == "phase" and event[1] == "forward":
+            first_forward = min(first_forward, index)
+    # A step leaves nothing behind but gradients, optimizer state (both claimed) and the parameters:
+    # a block made during the steps, unclaimed and still live at the end, was freed unseen at an
+    # address not handed out again (large blocks are unmapped on free).
+    free_after.update(index for key, index in live.items() if index > first_forward and key not in claimed)
+    events, times = [], []
+    for index, (event, time_ns) in enumerate(zip(log.events, log.times_ns)):
         events.append(event)
         times.append(time_ns)
+        if index in free_after:
+            events.append(("free", event[1]))
+            times.append(time_ns)
     log.events[:], log.times_ns[:] = events, times
+
+
+def _claim_live_at_end(log: Any, category: str) -> None:
+    """Claims the blocks still live, and unclaimed, at the end of the log as `category`."""
+    live: dict[Any, int] = {}
+    claimed: set[Any] = set()
+    for index, event in enumerate(log.events):
+        if event[0] == "alloc":
+            live[event[1]] = index
+        elif event[0] == "free":
+            live.pop(event[1], None)
+        elif event[0] == "claim":
+            claimed.update(key for key, _ in event[2])
+    keys = [key for key, index in live.items() if log.times_ns[index] is not None and key not in claimed]
+    log.events.append(("claim", category, [(key, None) for key in keys]))
+    log.times_ns.append(log.times_ns[-1])
 
 
 def _claim_wrap_buffers(log: Any, category: str) -> None:
