@@ -11,6 +11,7 @@ from memwise.cli.common import (
     recipe_options,
     show_result,
 )
+from memwise.cli.generate import generation_options
 
 
 @click.command("estimate")
@@ -21,10 +22,12 @@ from memwise.cli.common import (
 @click.option("--budget", default=None, metavar="SIZE", help="A memory budget to check, e.g. 6GiB or 500MB.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Ranks sharing the global --batch-size: the per-rank peak (with --strategy).")
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="Distributed strategy for --nproc (default ddp).")
+@generation_options
 @format_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write estimate.json, timeline.png and report.html here.")
 @handle_errors
-def estimate_command(spec, mode, args, device, device_memory, budget, output_format, out, nproc, strategy, **recipe_options):
+def estimate_command(spec, mode, args, device, device_memory, budget, output_format, out, nproc, strategy,
+                     context_length, new_tokens, kv_cache_dtype, cache_kind, **recipe_options):
     """Predict the peak memory of a step of SPEC on a device, without running it there.
 
     The step runs on fake tensors on this CPU: no weights are allocated. With --budget or a GPU
@@ -34,6 +37,7 @@ def estimate_command(spec, mode, args, device, device_memory, budget, output_for
     Example:
       memwise estimate gpt --arg preset=small --batch-size 16 --device RTX-4090 --precision bf16
       memwise estimate hf:bert --arg num_hidden_layers=4 --budget 2GiB --format json
+      memwise estimate hf:llama --arg num_hidden_layers=2 --mode generate --batch-size 4 --context-length 512 --new-tokens 64 --budget 2GiB
     """
 
     from memwise.core.units import parse_size
@@ -46,6 +50,12 @@ def estimate_command(spec, mode, args, device, device_memory, budget, output_for
 
     workload = load_workload(spec, parse_args(args), materialize=False)  # parameters on meta: no weight is allocated
     recipe = build_recipe(recipe_options)
+    if mode == "generate":  # LLM generation: prefill + decoding with its KV cache (memwise.estimate.generate)
+        from memwise.cli.generate import run_generate_mode
+
+        return run_generate_mode(workload, batch_size=recipe.batch_size, context_length=context_length, new_tokens=new_tokens,
+                                 kv_cache_dtype=kv_cache_dtype, cache_kind=cache_kind, budget_bytes=budget_bytes, measure=False,
+                                 output_format=output_format, out=out)
     if nproc != 1 or strategy is not None:  # per-rank estimate (memwise.distributed.estimate)
         from memwise.distributed.estimate import estimate_per_rank
 

@@ -16,6 +16,7 @@ from memwise.cli.common import (
     seed_option,
     show_result,
 )
+from memwise.cli.generate import generation_options
 
 
 @click.command("profile")
@@ -25,10 +26,12 @@ from memwise.cli.common import (
 @click.option("--verify", is_flag=True, help="Also run a plain torch.profiler pass and report its peak as reference_peak_bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @seed_option
+@generation_options
 @format_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write profile.json, timeline.png and report.html here.")
 @handle_errors
-def profile_command(spec, mode, args, steps, verify, device, seed, output_format, out, **recipe_options):
+def profile_command(spec, mode, args, steps, verify, device, seed, output_format, out,
+                    context_length, new_tokens, kv_cache_dtype, cache_kind, **recipe_options):
     """Measure the memory of real steps of SPEC: a built-in name, file.py:function or module:function.
 
     Totals come from the allocator's events; categories (param, grad, optimizer_state, activation,
@@ -48,6 +51,12 @@ def profile_command(spec, mode, args, steps, verify, device, seed, output_format
     apply_seed(seed)  # before the model is built (its initial weights) and again before the steps
     workload = load_spec(spec, args)
     apply_seed(seed)
+    if mode == "generate":  # a real model.generate under the allocator profiler (memwise.measure.generate)
+        from memwise.cli.generate import run_generate_mode
+
+        return run_generate_mode(workload, batch_size=recipe.batch_size, context_length=context_length, new_tokens=new_tokens,
+                                 kv_cache_dtype=kv_cache_dtype, cache_kind=cache_kind, budget_bytes=None, measure=True,
+                                 output_format=output_format, out=out)
     progress = StepProgress(f"profiling {workload.name}")
     try:
         result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)

@@ -105,6 +105,7 @@ class Mode(str, enum.Enum):
 
     TRAIN = "train"
     INFER = "infer"
+    GENERATE = "generate"  # LLM generation (prefill + decoding): memwise.estimate.generate, not a Recipe step
 
 
 def _coerce_enum(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
