@@ -1,7 +1,9 @@
-"""`hf:<model_type>`: any Hugging Face transformers architecture with random weights, on random tokens.
+"""`hf:<model>`: any Hugging Face transformers architecture with random weights, on random tokens.
 
 The config comes from `transformers.AutoConfig.for_model(model_type, **overrides)`, so
-`hf:llama --arg num_hidden_layers=2` is Llama's default shape with two layers. No weights are
+`hf:llama --arg num_hidden_layers=2` is Llama's default shape with two layers; or from a saved
+config: `hf:./my-model` (a directory), `hf:path/config.json`, or `hf:org/name` when that Hub
+config is in the local cache. No weights are
 downloaded; with `device="meta"` nothing is allocated at all, which lets an estimator inspect a
 7B model in a second.
 """
@@ -9,6 +11,8 @@ downloaded; with `device="meta"` nothing is allocated at all, which lets an esti
 import copy
 import difflib
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +20,7 @@ import torch
 from memwise.core.checks import positive_int
 from memwise.core.errors import WorkloadError
 from memwise.core.workload import Workload
+from memwise.workloads.optional import broken_package_message, hide_broken_optional_packages, import_failure, root_cause
 
 TASKS = ("auto", "masked-lm", "causal-lm", "seq2seq-lm", "base")
 DEFAULT_SEQ_LEN = 128
@@ -40,7 +45,9 @@ def hf(
     architecture supports it and the architecture's default otherwise.
 
     Args:
-        model_type: a key of `transformers.CONFIG_MAPPING`, e.g. `bert`, `gpt2`, `llama`.
+        model_type: a key of `transformers.CONFIG_MAPPING` (`bert`, `gpt2`, `llama`, ...), a local
+            model directory or `config.json` path, or a Hub id (`org/name`) whose config is already
+            in the local Hugging Face cache (read offline, never downloaded).
         seq_len: tokens per sequence; defaults to 128, or to `max_position_embeddings` when that
             is smaller, and must not exceed it.
         seed: seeds the initial weights and the generator of the batches.
@@ -65,6 +72,7 @@ def hf(
         Vision, audio and multimodal architectures (no `input_ids` or no `vocab_size`) are not
         supported.
     """
+    hidden = hide_broken_optional_packages()  # before transformers loads: it imports them when installed
     try:
         import transformers
         from transformers.models.auto import modeling_auto
@@ -72,13 +80,18 @@ def hf(
         raise WorkloadError("hf workloads need transformers: pip install 'memwise[hf]'") from error
 
     _check_plain_arguments(seq_len=seq_len, seed=seed, task=task, device=device)
-    default_config = _default_config(transformers, model_type)
-    _check_overrides(default_config, overrides, model_type)
-    config = transformers.AutoConfig.for_model(model_type, **overrides)
+    name = model_type
+    default_config = _base_config(transformers, name)
+    model_type = default_config.model_type
+    _check_overrides(default_config, overrides, name)
+    if name in transformers.CONFIG_MAPPING:
+        config = transformers.AutoConfig.for_model(model_type, **overrides)
+    else:  # a saved config: the overrides go through the config's constructor, as for_model does
+        config = type(default_config).from_dict({**default_config.to_dict(), **overrides})
     vocab_size = getattr(config, "vocab_size", None)
     if not isinstance(vocab_size, int):
-        raise WorkloadError(f"hf:{model_type}: the config has no integer vocab_size; only text models are supported")
-    seq_len = _resolve_seq_len(config, seq_len, model_type)
+        raise WorkloadError(f"hf:{name}: the config has no integer vocab_size; only text models are supported")
+    seq_len = _resolve_seq_len(config, seq_len, name)
     if "use_cache" not in overrides and hasattr(config, "use_cache"):
         # A step here is one full-sequence pass, as in training: a key/value cache only costs
         # memory, and a checkpointed block replayed in backward would append to it a second time.
@@ -98,11 +111,11 @@ def hf(
     }[task]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = _from_config(auto_class, config, model_type)
+        model = _from_config(auto_class, config, name)
 
     forward_parameters = inspect.signature(model.forward).parameters
     if "input_ids" not in forward_parameters:
-        raise WorkloadError(f"hf:{model_type}: {type(model).__name__}.forward takes no input_ids; only text models are supported")
+        raise WorkloadError(f"hf:{name}: {type(model).__name__}.forward takes no input_ids; only text models are supported")
     with_attention_mask = "attention_mask" in forward_parameters
     with_labels = task != "base"
     generator = torch.Generator().manual_seed(seed)
@@ -121,9 +134,9 @@ def hf(
         model,
         make_batch,
         loss_fn=None if with_labels else _mean_hidden_state_loss,
-        name=f"hf:{model_type}",
+        name=f"hf:{name}",
         default_batch_size=8,
-        extras={"config": model.config, "task": task, "seq_len": seq_len},
+        extras={"config": model.config, "task": task, "seq_len": seq_len, "assumptions": hidden},
     )
 
 
@@ -148,17 +161,51 @@ def _check_plain_arguments(*, seq_len: Any, seed: Any, task: Any, device: Any) -
         raise WorkloadError(f"hf device: {device!r} is not a torch device; use e.g. cpu, cuda or meta") from error
 
 
-def _default_config(transformers: Any, model_type: Any) -> Any:
+def _base_config(transformers: Any, name: Any) -> Any:
+    """The config `name` stands for: a model type, a local model directory or config.json, or a Hub
+    id whose config is in the local cache (never downloaded)."""
     mapping = transformers.CONFIG_MAPPING
-    if not isinstance(model_type, str) or model_type not in mapping:
-        known = list(mapping.keys())
-        close = difflib.get_close_matches(str(model_type), known, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise WorkloadError(
-            f"hf: unknown transformers model type {model_type!r}; {hint}"
-            f"common types are {', '.join(COMMON_MODEL_TYPES)} ({len(known)} in all, see transformers.CONFIG_MAPPING)"
-        )
-    return transformers.AutoConfig.for_model(model_type)
+    if isinstance(name, str) and name in mapping:
+        return transformers.AutoConfig.for_model(name)
+    path = Path(os.path.expanduser(str(name)))
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise WorkloadError(f"hf:{name}: the directory has no config.json; give a model directory or its config.json")
+        try:
+            return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise WorkloadError(f"hf:{name}: cannot read the config: {type(error).__name__}: {_first_line(error)}") from error
+    if isinstance(name, str) and "/" in name and not name.startswith((".", "/", "~")):
+        try:
+            return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+        except OSError as error:
+            raise WorkloadError(
+                f"hf:{name}: its config is not in the local Hugging Face cache ({_hub_cache()}); memwise does not "
+                f"download: fetch it with `hf download {name} config.json`, or give a local model directory or config.json"
+            ) from error
+        except (ValueError, KeyError) as error:
+            raise WorkloadError(f"hf:{name}: cannot read the cached config: {type(error).__name__}: {_first_line(error)}") from error
+    if path.suffix == ".json" or os.sep in str(name):
+        raise WorkloadError(f"hf:{name}: no such file or directory")
+    known = list(mapping.keys())
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise WorkloadError(
+        f"hf: unknown transformers model type {name!r}; {hint}"
+        f"common types are {', '.join(COMMON_MODEL_TYPES)} ({len(known)} in all, see transformers.CONFIG_MAPPING); "
+        "or give a local model directory, a config.json, or a Hub id (org/name) whose config is cached"
+    )
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_overrides(default_config: Any, overrides: dict[str, Any], model_type: str) -> None:
@@ -234,4 +281,11 @@ def _from_config(auto_class: Any, config: Any, model_type: str) -> torch.nn.Modu
     try:
         return auto_class.from_config(config)
     except Exception as error:
-        raise WorkloadError(f"hf:{model_type}: building {auto_class.__name__} failed: {type(error).__name__}: {error}") from error
+        cause, package = root_cause(error)
+        if package is not None and package not in ("transformers", "torch") and import_failure(package) is not None:
+            reason = broken_package_message(package, import_failure(package))
+        elif cause is not error:
+            reason = f"{type(cause).__name__} in {package or 'unknown code'}: {_first_line(cause)}"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        raise WorkloadError(f"hf:{model_type}: building {auto_class.__name__} failed: {reason}") from error

@@ -1,6 +1,7 @@
 """Resolving a workload spec from the command line into a `Workload`.
 
-A spec is a built-in name (`digits-cnn`, `gpt`, `hf:bert`, ...), `path/to/file.py:function` or
+A spec is a built-in name (`digits-cnn`, `gpt`, `hf:bert`, `hf:./my-model`, `tv:resnet50`,
+`timm:vit_small_patch16_224`, ...), `path/to/file.py:function` or
 `package.module:function`. The function returns a Workload; `--arg key=value` pairs become its
 keyword arguments, checked against its signature.
 """
@@ -55,6 +56,14 @@ BUILTIN_WORKLOADS: dict[str, BuiltinWorkload] = {
             target="memwise.workloads.hf:hf",
         ),
         BuiltinWorkload(
+            name="tv:<name>", description="a torchvision classifier by name, random weights, image-classification loss (args: num_classes, image_size, seed)",
+            target="memwise.workloads.vision:torchvision_model",
+        ),
+        BuiltinWorkload(
+            name="timm:<name>", description="a timm model by name, random weights, image-classification loss (args: num_classes, image_size, seed)",
+            target="memwise.workloads.vision:timm_model",
+        ),
+        BuiltinWorkload(
             name="minilm", description="pretrained all-MiniLM-L6-v2 sentence embedding, inference on sentence batches",
             target="memwise.workloads.minilm:minilm",
         ),
@@ -101,6 +110,14 @@ def load_workload(spec: str, args: dict[str, Any] | None = None, *, materialize:
         if not model_type:
             raise WorkloadError("workload spec 'hf:': name a transformers model type, e.g. hf:bert or hf:gpt2")
         return _built(lambda: BUILTIN_WORKLOADS["hf:<model_type>"].factory()(model_type, **args), spec, materialize)
+    for prefix in ("tv:", "timm:"):
+        if spec.startswith(prefix):
+            model_name = spec[len(prefix):]
+            if not model_name:
+                raise WorkloadError(f"workload spec {prefix!r}: name a model, e.g. {prefix}resnet50")
+            factory = BUILTIN_WORKLOADS[f"{prefix}<name>"].factory()
+            _check_arguments(factory, args, spec)
+            return _built(lambda: factory(model_name, **args), spec, materialize)
     if spec in BUILTIN_WORKLOADS:
         factory = BUILTIN_WORKLOADS[spec].factory()
     elif ":" in spec:
