@@ -275,6 +275,7 @@ class Planner:
             notes.append(f"budget {budget_bytes} bytes is more than the {self.spec.name}'s {self.spec.memory_bytes}; planned for the device's capacity")
             budget_bytes = self.spec.memory_bytes
         count_before = self._estimate_count
+        self._check_effective_batch(budget_bytes)
         time_model = self.time_model()
         smallest = [s for s in (self._score(c) for c in self.smallest_candidates()) if s is not None]
         if not smallest:
@@ -314,7 +315,6 @@ class Planner:
         if chosen is not None and (not confirm_steps or not can_confirm(self.spec)):
             notes.append(f"nothing was confirmed: the plan rests on the estimate alone ({'confirmation off' if not confirm_steps else 'no ' + self.spec.name + ' on this machine'})")
 
-        self._check_effective_batch(chosen, budget_bytes)
         scored = [s for s in (self._scored_if_known(c) for c in self.candidates) if s is not None]
         winner = chosen or floor
         alternatives = _frontier(scored, winner, budget_bytes, self.margin, self.axes)
@@ -388,31 +388,34 @@ class Planner:
             self._order = kept
         return self._order
 
-    def _check_effective_batch(self, chosen: _Scored | None, budget_bytes: int) -> None:
-        """Rejects an effective batch that only micro-batches of one sample divide while larger ones fit."""
+    def _check_effective_batch(self, budget_bytes: int) -> None:
+        """Rejects an effective batch that only single-sample micro-batches divide while larger ones fit.
+
+        A prime effective batch N splits only into N passes of one sample or one pass of N; when the
+        pass of N cannot fit but passes of 2 or more could, the user is better served by a nearby
+        effective batch than by a plan that runs one sample at a time.
+        """
         batch = self.effective_batch_size
-        if chosen is None or batch == 1 or (chosen.candidate.recipe.micro_batch_size or batch) != 1 or len(divisors(batch)) > 2:
+        if batch <= 2 or len(divisors(batch)) > 2:
             return
-        # the batch is prime and only single samples fit whole: find the largest micro-batch that fits
         smallest = self.smallest_candidates()
-        largest_fitting = 1
-        low, high = 1, batch - 1
+
+        def fits_whole(size: int) -> bool:
+            results = [self.estimate(c.recipe.replace(batch_size=size, micro_batch_size=None)) for c in smallest]
+            return any(r is not None and predicted_fits(r, budget_bytes, self.margin) for r in results)
+
+        if fits_whole(batch) or not fits_whole(2):
+            return
+        low, high = 2, batch - 1  # low fits whole; find the largest that does
         while low < high:
             middle = (low + high + 1) // 2
-            results = [self.estimate(c.recipe.replace(batch_size=middle, micro_batch_size=None)) for c in smallest]
-            if any(r is not None and predicted_fits(r, budget_bytes, self.margin) for r in results):
-                low = middle
-            else:
-                high = middle - 1
-        largest_fitting = low
-        if largest_fitting < 2:
-            return
-        nearby = sorted({value for value in range(max(2, batch - largest_fitting), batch + largest_fitting + 1)
-                         if value != batch and any(value % m == 0 for m in range(2, largest_fitting + 1))},
+            low, high = (middle, high) if fits_whole(middle) else (low, middle - 1)
+        nearby = sorted({value for value in range(max(2, batch - low), batch + low + 1)
+                         if value != batch and any(value % m == 0 for m in range(2, low + 1))},
                         key=lambda value: (abs(value - batch), value))[:4]
         raise BadInputError(
-            f"effective_batch_size: {batch} is divided only by micro-batches of 1 and {batch}, but micro-batches up to "
-            f"{largest_fitting} fit the budget; divisors of {batch} that work: 1 ({batch} passes of one sample); "
+            f"effective_batch_size: {batch} is divided only by micro-batches of 1 and {batch}; {batch} does not fit the budget "
+            f"but micro-batches up to {low} do; divisors of {batch} that work: 1 ({batch} passes of one sample); "
             f"effective batch sizes near {batch} that split into fitting micro-batches: {', '.join(map(str, nearby))}"
         )
 
