@@ -15,6 +15,7 @@ in one dictionary per step; after the run, the line is looked up only for the al
 matter (those that outlive their step), so no stack is formatted for the rest.
 """
 
+import bisect
 import contextlib
 import dataclasses
 import gc
@@ -214,6 +215,24 @@ class StepMemory:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class AllocationNote:
+    """The allocator event at one timeline sample: what made it and where (for the HTML report's hover).
+
+    Attributes:
+        bytes: its size, positive for an allocation, negative for a free.
+        op: the aten operator that allocated or freed (None outside any operator).
+        module: the innermost module running then, or None.
+        file, line: the user's source line that made the allocation (None for frees and unknown lines).
+    """
+
+    bytes: int
+    op: str | None
+    module: str | None
+    file: str | None
+    line: int | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WatchResult(Breakdown):
     """What `watch` measured: a `Breakdown` over the watched steps (as `Profile`), per-step memory
     and the hazards found.
@@ -226,6 +245,7 @@ class WatchResult(Breakdown):
         step_ms: median step time (steps after the first when there are several).
         step_memory: one `StepMemory` per step.
         hazards: the hazards found, largest first.
+        timeline_allocations: one `AllocationNote` per `timeline` sample.
     """
 
     workload: str
@@ -236,6 +256,7 @@ class WatchResult(Breakdown):
     step_ms: float
     step_memory: tuple[StepMemory, ...]
     hazards: tuple[Hazard, ...]
+    timeline_allocations: tuple[AllocationNote, ...] = ()
     source: str = "measured"
 
 
@@ -591,7 +612,46 @@ class Watch:
                 dataclasses.replace(memory, step_ms=self._step_ms[memory.step]) for memory in walk.step_memory
             ),
             hazards=tuple(hazards),
+            timeline_allocations=self._notes(log, records, breakdown),
         )
+
+    def _notes(self, log: MemoryLog, records: list[Any], breakdown: Breakdown) -> tuple[AllocationNote, ...]:
+        """The allocator event at each timeline sample (found by its time), with operator, module and line."""
+        timeline = breakdown.timeline
+        timed = [(time_ns, index) for index, time_ns in enumerate(log.times_ns) if time_ns is not None]
+        if timeline.x_unit != "ms" or not timed:
+            return ()
+        first = timed[0][0]
+        wanted: dict[int, list[int]] = {}
+        for sample, x in enumerate(timeline.x):
+            position = bisect.bisect_right(timed, (first + round(x * 1e6), len(log.events))) - 1
+            wanted.setdefault(timed[max(position, 0)][1], []).append(sample)
+        notes: list[AllocationNote | None] = [None] * len(timeline.x)
+        modules: list[str] = []
+        sizes: dict[Any, int] = {}
+        for index, event in enumerate(log.events):
+            kind = event[0]
+            freed = sizes.pop(event[1], 0) if kind == "free" else 0
+            if kind == "alloc":
+                sizes[event[1]] = event[2]
+            elif kind == "enter":
+                modules.append(event[1])
+            elif kind == "exit" and event[1] in modules:
+                del modules[len(modules) - 1 - modules[::-1].index(event[1]):]
+            if index not in wanted:
+                continue
+            nbytes, site = 0, None
+            if kind == "alloc":
+                nbytes = event[2]
+                site = self.recorder.site_of(event[1], records[index].step) if self.recorder is not None else None
+            elif kind == "free":
+                nbytes = -freed
+            note = AllocationNote(bytes=nbytes, op=self._ops.get(index), module=modules[-1] if modules else None,
+                                  file=site[0] if site else None, line=site[1] if site else None)
+            for sample in wanted[index]:
+                notes[sample] = note
+        empty = AllocationNote(bytes=0, op=None, module=None, file=None, line=None)
+        return tuple(note or empty for note in notes)
 
     def _build_log(self, prof: Any) -> tuple[MemoryLog, list[tuple[int, str, tuple[Any, ...]]]]:
         """The memory log of the watched steps, and watch's own marks as (log position, name, args)."""
@@ -599,9 +659,12 @@ class Watch:
         for key, nbytes, category, owner in self._persistent:
             log.preexisting(key, nbytes, category, owner)
         marks = []
+        self._ops: dict[int, str] = {}  # log event index -> the operator that allocated or freed
         for start_ns, _, event in allocation_events(prof, self.device):
             fields = event.extra_fields
             if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
+                if event.parent is not None:
+                    self._ops[len(log.events)] = event.parent.name
                 if fields.alloc_size > 0:
                     log.alloc(fields.ptr, fields.alloc_size, start_ns)
                 elif fields.alloc_size < 0:

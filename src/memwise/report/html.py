@@ -2,12 +2,19 @@
 
 Every piece of text from the result is HTML-escaped, and the page's Content-Security-Policy
 allows no script and no external resource, so a hostile workload or module name is shown as text.
+
+The interactive parts are inline SVG driven by CSS alone (`:hover`, and a checkbox for toggles),
+so they work under the same no-script policy: hovering a point of the timeline shows its phase and
+live bytes (and, for a `watch` result, the operator, module and source line of the allocation
+there); a second result (an estimate beside a measurement) can be overlaid on the same timeline;
+what-if rows are drawn as bars against the budget.
 """
 
 import base64
 from html import escape
 from typing import Any
 
+from memwise.core.units import format_bytes
 from memwise.report.tables import (
     TableContent,
     assumptions_of,
@@ -36,16 +43,32 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 footer { margin-top: 3rem; color: #57606a; font-size: 0.85em; }
+svg.chart { width: 100%; height: auto; border: 1px solid #d0d7de; background: #fff; font-size: 12px; }
+svg.chart .total { fill: none; stroke: #4c72b0; stroke-width: 1.5; }
+svg.chart .overlay { display: none; fill: none; stroke: #c44e52; stroke-width: 1.5; stroke-dasharray: 5 3; }
+#overlay-toggle:checked ~ figure svg.chart .overlay { display: inline; }
+svg.chart .sample > rect.hit { fill: transparent; }
+svg.chart .sample:hover > rect.hit { fill: rgba(76, 114, 176, 0.15); }
+svg.chart .tip { visibility: hidden; pointer-events: none; }
+svg.chart .sample:hover .tip { visibility: visible; }
+svg.chart .tip rect { fill: #fffbe6; stroke: #d0d7de; }
+svg.chart .bar rect.value { fill: #4c72b0; }
+svg.chart .bar.over rect.value { fill: #c44e52; }
+svg.chart .bar:hover rect.value { opacity: 0.8; }
+svg.chart .budget { stroke: #1f2328; stroke-dasharray: 4 3; }
+.hazard { border-left: 6px solid #c44e52; background: #f6f8fa; padding: 0.4rem 0.8rem; margin: 0.5rem 0; }
 """
 
 # No script, no fetch: the page needs nothing but its own styles and the embedded image.
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def render_html(result: Any, plot_png: bytes | None) -> str:
+def render_html(result: Any, plot_png: bytes | None, *, compare: Any = None) -> str:
     """Returns a self-contained HTML page for `result`, with `plot_png` embedded when given.
 
     The peak is in the element with id `peak-bytes`, e.g. `Peak: 123.45 MiB (129,446,912 bytes)`.
+    `compare` (another result, e.g. the estimate of a measured run) is overlaid on the interactive
+    timeline, shown by ticking the checkbox `overlay-toggle`; both runs' x axes span the chart.
     """
     workload = getattr(result, "workload", None)
     title = "memwise report" + (f": {workload}" if workload is not None else "")
@@ -64,11 +87,14 @@ def render_html(result: Any, plot_png: bytes | None) -> str:
         )
     else:
         body.append('<p class="caption">No plot.</p>')
+    body.append(timeline_svg(result, compare))
+    body.append(hazards_html(result))
     body.append(_html_table(category_content(result)))
     body.append(_html_table(module_content(result)))
     what_if = what_if_content(result)
     if what_if is not None:
         body.append(_html_table(what_if))
+        body.append(what_if_svg(result))
     assumptions = assumptions_of(result)
     if assumptions:
         items = "".join(f"<li>{escape(item)}</li>" for item in assumptions)
@@ -115,3 +141,130 @@ def _html_table(content: TableContent, *, show_header: bool = True) -> str:
     if content.caption:
         lines.append(f'<p class="caption">{escape(content.caption)}</p>')
     return "\n".join(lines)
+
+
+_SVG_WIDTH, _SVG_HEIGHT, _MARGIN = 960, 280, 48
+_MAX_HOVER_SAMPLES = 400
+
+
+def _totals(result: Any) -> list[int]:
+    timeline = result.timeline
+    columns = [values for values in timeline.bytes_by_category.values() if values]
+    return [sum(column[i] for column in columns) for i in range(len(timeline.x))]
+
+
+def _kept_samples(count: int, peak_index: int) -> list[int]:
+    """At most `_MAX_HOVER_SAMPLES` evenly spread sample indexes, the peak always among them."""
+    stride = max(1, -(-count // _MAX_HOVER_SAMPLES))
+    kept = set(range(0, count, stride)) | ({peak_index} if 0 <= peak_index < count else set())
+    return sorted(kept)
+
+
+def _points(xs: list[float], ys: list[int], top: int) -> list[tuple[float, float]]:
+    span_x = (xs[-1] - xs[0]) or 1.0
+    width, height = _SVG_WIDTH - 2 * _MARGIN, _SVG_HEIGHT - 2 * _MARGIN
+    return [(_MARGIN + (x - xs[0]) / span_x * width, _SVG_HEIGHT - _MARGIN - y / top * height) for x, y in zip(xs, ys)]
+
+
+def _tip_lines(result: Any, index: int, total: int) -> list[str]:
+    timeline = result.timeline
+    unit = "ms" if timeline.x_unit == "ms" else "event"
+    lines = [f"{timeline.x[index]:.2f} {unit} · {timeline.phase[index]} · live {format_bytes(total)}"]
+    notes = getattr(result, "timeline_allocations", None) or ()
+    if index < len(notes):
+        note = notes[index]
+        what = f"{'+' if note.bytes >= 0 else '-'}{format_bytes(abs(note.bytes))}"
+        lines.append(f"{what} by {note.op or 'no operator'} in {note.module or 'no module'}")
+        lines.append(f"line: {note.file}:{note.line}" if note.file else "line: (none recorded)")
+    else:
+        biggest = sorted(((values[index], name) for name, values in timeline.bytes_by_category.items() if values), reverse=True)[:2]
+        lines.append(", ".join(f"{name} {format_bytes(value)}" for value, name in biggest))
+    return lines
+
+
+def timeline_svg(result: Any, compare: Any = None) -> str:
+    """The interactive timeline: total live bytes, a hover panel per sample, an optional overlay."""
+    timeline = getattr(result, "timeline", None)
+    if timeline is None or len(timeline.x) < 2:
+        return ""
+    totals = _totals(result)
+    compare_totals = _totals(compare) if compare is not None and len(compare.timeline.x) >= 2 else None
+    top = max(totals + (compare_totals or [])) or 1
+    xs = list(timeline.x)
+    points = _points(xs, totals, top)
+    parts = [
+        f'<svg class="chart" id="timeline-svg" viewBox="0 0 {_SVG_WIDTH} {_SVG_HEIGHT}" role="img" '
+        'aria-label="Live memory through the steps; hover a point for details">',
+        f'<text x="{_MARGIN}" y="20">live bytes (peak {escape(format_bytes(top))}); hover for details</text>',
+        '<polyline class="total" points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>',
+    ]
+    if compare_totals is not None:
+        compare_points = _points(list(compare.timeline.x), compare_totals, top)
+        parts.append('<polyline class="overlay" id="timeline-overlay" points="'
+                     + " ".join(f"{x:.1f},{y:.1f}" for x, y in compare_points) + '"/>')
+    kept = _kept_samples(len(xs), timeline.peak_index)
+    for position, index in enumerate(kept):
+        left = points[index][0] if position == 0 else (points[kept[position - 1]][0] + points[index][0]) / 2
+        right = points[index][0] if position == len(kept) - 1 else (points[index][0] + points[kept[position + 1]][0]) / 2
+        lines = _tip_lines(result, index, totals[index])
+        tip_width = 12 + 7 * max(len(line) for line in lines)
+        tip_x = min(max(points[index][0] + 8, _MARGIN), _SVG_WIDTH - tip_width - 2)
+        texts = "".join(f'<text x="{tip_x + 6:.1f}" y="{34 + 16 * row}">{escape(line)}</text>' for row, line in enumerate(lines))
+        parts.append(
+            f'<g class="sample" id="sample-{index}"><title>{escape(" | ".join(lines))}</title>'
+            f'<rect class="hit" x="{left:.1f}" y="{_MARGIN}" width="{max(right - left, 1):.1f}" height="{_SVG_HEIGHT - 2 * _MARGIN}"/>'
+            f'<circle cx="{points[index][0]:.1f}" cy="{points[index][1]:.1f}" r="2" fill="#4c72b0"/>'
+            f'<g class="tip"><rect x="{tip_x:.1f}" y="22" width="{tip_width}" height="{10 + 16 * len(lines)}"/>{texts}</g></g>'
+        )
+    parts.append("</svg>")
+    toggle = ""
+    if compare_totals is not None:
+        label = f"overlay {getattr(compare, 'source', 'the other result')} on {getattr(result, 'source', 'this result')} (dashed red)"
+        toggle = f'<input type="checkbox" id="overlay-toggle"><label for="overlay-toggle">{escape(label)}</label>\n'
+    return f'<div class="interactive">\n{toggle}<figure>{"".join(parts)}</figure>\n</div>'
+
+
+def what_if_svg(result: Any) -> str:
+    """The result's what-if peaks as horizontal bars, with its budget as a dashed line (when set)."""
+    what_if = getattr(result, "what_if", None) or ()
+    rows = [("as is", result.peak_bytes)] + [(str(item.change), item.peak_bytes) for item in what_if if item.peak_bytes is not None]
+    budget = getattr(result, "budget_bytes", None)
+    top = max([peak for _, peak in rows] + ([budget] if budget else [])) or 1
+    label_width, bar_height = 260, 22
+    width = _SVG_WIDTH - label_width - _MARGIN
+    height = 30 + bar_height * len(rows)
+    parts = [f'<svg class="chart" id="what-if-svg" viewBox="0 0 {_SVG_WIDTH} {height}" role="img" aria-label="What-if peaks against the budget">']
+    for row, (change, peak) in enumerate(rows):
+        y = 20 + row * bar_height
+        over = budget is not None and peak > budget
+        text = f"{change}: {format_bytes(peak)}" + ("" if budget is None else (" (over budget)" if over else " (fits)"))
+        parts.append(
+            f'<g class="bar{" over" if over else ""}"><title>{escape(text)}</title>'
+            f'<text x="4" y="{y + 15}">{escape(change[:36])}</text>'
+            f'<rect class="value" x="{label_width}" y="{y + 3}" width="{max(peak / top * width, 1):.1f}" height="{bar_height - 6}"/>'
+            f'<text x="{label_width + peak / top * width + 4:.1f}" y="{y + 15}">{escape(format_bytes(peak))}</text></g>'
+        )
+    if budget:
+        x = label_width + budget / top * width
+        parts.append(f'<line class="budget" x1="{x:.1f}" y1="12" x2="{x:.1f}" y2="{height - 4}"/>'
+                     f'<text x="{x + 4:.1f}" y="12">budget {escape(format_bytes(budget))}</text>')
+    parts.append("</svg>")
+    return "<figure>" + "".join(parts) + "</figure>"
+
+
+def hazards_html(result: Any) -> str:
+    """The result's hazards (a `watch` result), each with its line, evidence and fix; empty when none."""
+    hazards = getattr(result, "hazards", None)
+    if hazards is None:
+        return ""
+    if not hazards:
+        return "<h2>Hazards</h2>\n<p>No memory hazard found.</p>"
+    items = []
+    for hazard in hazards:
+        steps = ", ".join(str(step) for step in hazard.steps)
+        items.append(
+            f'<div class="hazard"><strong><code>{escape(hazard.kind)}</code></strong> {escape(format_bytes(hazard.bytes))} at '
+            f"<code>{escape(str(hazard.location))}</code> (steps {escape(steps)})<br>{escape(hazard.message)}<br>"
+            f"<em>Fix:</em> {escape(hazard.fix)}</div>"
+        )
+    return "<h2>Hazards</h2>\n" + "\n".join(items)
