@@ -14,7 +14,7 @@ from memwise.core.serialize import from_dict, to_dict
 from memwise.core.units import format_bytes
 
 _FIXES = {
-    "graph_kept": "Keep `loss.item()` (or `.detach()`) instead of the tensor: holding it keeps its autograd graph and saved activations alive after backward.",
+    "graph_kept": "Keep `.item()` (or `.detach()`) of the tensor instead of the tensor itself (e.g. `losses.append(loss.item())`): holding it keeps its autograd graph, and before backward its saved activations, alive across steps.",
     "tensors_accumulated": "Store `.item()`, or `.detach().cpu()` copies, or clear the list every step: it keeps every step's tensors alive.",
     "cache_never_evicts": "Bound the cache (evict old entries, e.g. an LRU of fixed size, or clear it each epoch): it never evicts, so it grows every step.",
     "zero_grad_not_none": "Call `zero_grad(set_to_none=True)` (the default since PyTorch 2.0) so gradients are freed after the step instead of held, zeroed, through the next forward.",

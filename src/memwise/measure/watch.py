@@ -749,12 +749,12 @@ class Watch:
             if len(per_step) < GROWTH_MIN_STEPS or nbytes < GROWTH_MIN_BYTES:
                 continue
             steps = sorted(per_step)
-            what = {"graph_kept": "a tensor holding its autograd graph", "cache_never_evicts": "a dict of tensors",
+            what = {"graph_kept": "tensors that hold their autograd graph", "cache_never_evicts": "tensors kept in a dict",
                     "tensors_accumulated": "tensors"}[kind]
             hazards.append(make_hazard(
                 kind, nbytes, steps, _location(site),
                 f"memory grows by {format_bytes(nbytes)} per step ({format_bytes(sum(per_step.values()))} over steps "
-                f"{steps[0]}-{steps[-1]}, still alive at the end): {what} made here outlive their step",
+                f"{steps[0]}-{steps[-1]}, still alive at the end): {what}, made on this line, outlive their step",
             ))
         return hazards
 
