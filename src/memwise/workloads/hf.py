@@ -20,7 +20,13 @@ import torch
 from memwise.core.checks import positive_int
 from memwise.core.errors import WorkloadError
 from memwise.core.workload import Workload
-from memwise.workloads.optional import broken_package_message, hide_broken_optional_packages, import_failure, root_cause
+from memwise.workloads.optional import (
+    broken_package_message,
+    first_line,
+    hide_broken_optional_packages,
+    import_failure,
+    root_cause,
+)
 
 TASKS = ("auto", "masked-lm", "causal-lm", "seq2seq-lm", "base")
 DEFAULT_SEQ_LEN = 128
@@ -174,7 +180,7 @@ def _base_config(transformers: Any, name: Any) -> Any:
         try:
             return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
-            raise WorkloadError(f"hf:{name}: cannot read the config: {type(error).__name__}: {_first_line(error)}") from error
+            raise WorkloadError(f"hf:{name}: cannot read the config: {type(error).__name__}: {first_line(error)}") from error
     if isinstance(name, str) and "/" in name and not name.startswith((".", "/", "~")):
         try:
             return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
@@ -184,7 +190,7 @@ def _base_config(transformers: Any, name: Any) -> Any:
                 f"download: fetch it with `hf download {name} config.json`, or give a local model directory or config.json"
             ) from error
         except (ValueError, KeyError) as error:
-            raise WorkloadError(f"hf:{name}: cannot read the cached config: {type(error).__name__}: {_first_line(error)}") from error
+            raise WorkloadError(f"hf:{name}: cannot read the cached config: {type(error).__name__}: {first_line(error)}") from error
     if path.suffix == ".json" or os.sep in str(name):
         raise WorkloadError(f"hf:{name}: no such file or directory")
     known = list(mapping.keys())
@@ -201,11 +207,6 @@ def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_overrides(default_config: Any, overrides: dict[str, Any], model_type: str) -> None:
@@ -285,7 +286,7 @@ def _from_config(auto_class: Any, config: Any, model_type: str) -> torch.nn.Modu
         if package is not None and package not in ("transformers", "torch") and import_failure(package) is not None:
             reason = broken_package_message(package, import_failure(package))
         elif cause is not error:
-            reason = f"{type(cause).__name__} in {package or 'unknown code'}: {_first_line(cause)}"
+            reason = f"{type(cause).__name__} in {package or 'unknown code'}: {first_line(cause)}"
         else:
             reason = f"{type(error).__name__}: {error}"
         raise WorkloadError(f"hf:{model_type}: building {auto_class.__name__} failed: {reason}") from error

@@ -15,6 +15,7 @@ import torch
 
 from memwise.core.errors import WorkloadError
 from memwise.core.workload import Workload
+from memwise.workloads.optional import first_line
 
 META_NOTE = "the model was built with its parameters on the meta device: no weight was allocated or initialized"
 
@@ -57,7 +58,7 @@ def build_without_weights(build: Callable[[], Any], spec: str) -> tuple[Any, str
     except WorkloadError:
         raise  # the user's input is wrong: building for real would fail the same way
     except Exception as error:  # noqa: BLE001  (any failure of a factory that cannot build on meta)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
+        reason = f"{type(error).__name__}: {first_line(error)}"
         result = build()
         return result, (
             f"the workload could not be built with its parameters on the meta device ({reason}); "

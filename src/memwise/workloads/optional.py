@@ -42,7 +42,7 @@ def import_failure(package: str) -> str | None:
     try:
         importlib.import_module(package)
     except Exception as error:  # noqa: BLE001  (any import failure is the thing reported)
-        _broken[package] = f"{type(error).__name__}: {_first_line(error)}"
+        _broken[package] = f"{type(error).__name__}: {first_line(error)}"
         for name in [name for name in sys.modules if name == package or name.startswith(package + ".")]:
             del sys.modules[name]
         sys.modules[package] = None
@@ -111,6 +111,7 @@ def _forget_availability(package: str) -> None:
         check.cache_clear()
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (the exception's type name when it has none)."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
+    return text.splitlines()[0] if text else type(error).__name__
