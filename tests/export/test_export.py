@@ -1,8 +1,6 @@
 """Export to ONNX, torch.export and TorchScript, verified against eager PyTorch."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -18,11 +16,15 @@ from memwise.workloads.digits_cnn import digits_cnn
 
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
+    """One ONNX export through the CLI: its JSON must be alone on stdout (the exporter prints progress)."""
     pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (memwise[export])")
     pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (memwise[export])")
     path = tmp_path_factory.mktemp("onnx") / "digits.onnx"
-    workload = digits_cnn()
-    return workload, export(workload, "onnx", path)
+    completed = CliRunner().invoke(main, ["export", "digits-cnn", "--to", "onnx", "--out", str(path), "--format", "json"])
+    assert completed.exit_code == 0, completed.output
+    data = json.loads(completed.stdout)
+    assert data["path"] == str(path) and data["opset"] == 18
+    return digits_cnn(), ExportResult.from_dict(data)
 
 
 def test_onnx_export_is_checked_at_batch_1_and_7_with_a_dynamic_batch_axis(onnx_export):
@@ -169,15 +171,3 @@ def test_cli_export_of_a_model_file_and_a_corrupt_one(tmp_path):
 def test_cli_help_says_torchscript_is_deprecated():
     text = CliRunner().invoke(main, ["export", "--help"]).output
     assert "DEPRECATED" in text and "Example:" in text
-
-
-@pytest.mark.integration
-def test_cli_onnx_json_keeps_stdout_clean(tmp_path):
-    pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (memwise[export])")
-    completed = subprocess.run(
-        [sys.executable, "-m", "memwise.cli.main", "export", "digits-cnn", "--to", "onnx", "--out", str(tmp_path / "d.onnx"),
-         "--format", "json"], capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr
-    data = json.loads(completed.stdout)
-    assert data["path"] == str(tmp_path / "d.onnx") and data["opset"] == 18

@@ -10,9 +10,7 @@ import torch
 from memwise.core.errors import BadInputError
 from memwise.export.load import load, save_safetensors
 
-# The issue's case is a ~500 MB checkpoint and < 100 MB of RSS; the default run scales both by 1/4
-# (128 MiB, < 25 MiB) to stay fast on a 2-core CI, the `slow` run does the full size.
-FULL_LAYERS, SCALED_LAYERS = 32, 8  # of 16 MiB each
+FULL_LAYERS = 32  # of 16 MiB each: the issue's "about 500 MB" checkpoint
 
 _MEASURE = """
 import gc, json, sys, psutil, torch
@@ -47,10 +45,6 @@ def _check_mmap_load(directory, layers, rss_limit_bytes):
     for rss in json.loads(completed.stdout.strip().splitlines()[-1]):  # safetensors, then torch.save
         assert rss["loaded"] < rss_limit_bytes
         assert rss["touched"] > 0.8 * checkpoint_bytes  # the measurement sees the weights once a forward reads them
-
-
-def test_mmap_load_raises_rss_by_a_fifth_of_the_file_at_most_scaled(tmp_path):
-    _check_mmap_load(tmp_path, SCALED_LAYERS, 25 * 2**20)
 
 
 @pytest.mark.slow
