@@ -33,6 +33,7 @@ _EXPORTS = {
     "TrainResult": "memwise.train",
     "train": "memwise.train",
     "load_workload": "memwise.workloads",
+    "export": "memwise.export", "ExportResult": "memwise.export", "offload": "memwise.export.offload", "load": "memwise.export.load",
     "watch": "memwise.measure.watch",
     "WatchResult": "memwise.measure.watch",
     "plan": "memwise.plan", "Plan": "memwise.plan", "find_batch_size": "memwise.plan", "BatchSizeResult": "memwise.plan",
