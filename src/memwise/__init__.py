@@ -33,6 +33,7 @@ _EXPORTS = {
     "TrainResult": "memwise.train",
     "train": "memwise.train",
     "load_workload": "memwise.workloads",
+    "compress": "memwise.compress", "load_compressed": "memwise.compress", "CompressionResult": "memwise.compress",
     "export": "memwise.export", "ExportResult": "memwise.export", "offload": "memwise.export.offload", "load": "memwise.export.load",
     "watch": "memwise.measure.watch",
     "WatchResult": "memwise.measure.watch",

@@ -24,6 +24,7 @@ COMMANDS = {
     "tune-loader": "memwise.cli.tune_loader:tune_loader_command",
     "export": "memwise.cli.export:export_command",
     "run": "memwise.cli.run:run_command",
+    "compress": "memwise.cli.compress:compress_command",
     "plan": "memwise.cli.plan:plan_command", "find-batch-size": "memwise.cli.plan:find_batch_size_command",
 }
 

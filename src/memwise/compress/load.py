@@ -17,6 +17,8 @@ load; `size_bytes` everywhere is the length of exactly these bytes.
 import copy
 import io
 import os
+import pickle
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ def serialize(model: nn.Module, *, sparse: bool = False, metadata: dict[str, Any
         "metadata": dict(metadata or {}),
     }
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(payload, buffer, pickle_module=_pickle_module)
     return buffer.getvalue()
 
 
@@ -138,6 +140,32 @@ def unpack_sparse(packed: dict[str, Any]) -> torch.Tensor:
         packed["crow_indices"].to(torch.int64), packed["col_indices"].to(torch.int64), packed["values"], size=(rows, columns)
     )
     return csr.to_dense().reshape(shape)
+
+
+def _rebuild_module(cls: type[nn.Module], state: Any) -> nn.Module:
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.__setstate__(state)
+    return module
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles torch.ao quantized convolutions so that they unpickle.
+
+    Their `__getstate__`/`__setstate__` keep only the conv's own fields, and plain unpickling skips
+    `nn.Module.__init__`, so the reloaded module lacks `_modules` and fails on its first use. They
+    are rebuilt the way their own `__deepcopy__` does it: `Module.__init__`, then `__setstate__`.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+        if isinstance(obj, _ConvNd):
+            return _rebuild_module, (type(obj), obj.__getstate__())
+        return NotImplemented
+
+
+_pickle_module = types.SimpleNamespace(Pickler=_Pickler, Unpickler=pickle.Unpickler, __name__="pickle")
 
 
 def _picklable_copy(model: nn.Module) -> nn.Module:

@@ -61,17 +61,33 @@ def prune_structured(model: nn.Module, example_inputs: Any, ratios: dict[str, fl
     return pruned
 
 
-def candidate_layers(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Conv/Linear layers that can lose half their outputs without changing the model's output shape."""
-    _torch_pruning()
+def candidate_layers(model: nn.Module, example_inputs: Any, *, time_left: Callable[[], bool] = lambda: True) -> list[str]:
+    """Conv/Linear layers that can lose half their outputs without changing the model's output shape.
+
+    One dependency graph is built; a layer whose channel group reaches a LayerNorm or an
+    embedding is a residual stream's width and is not a candidate (pruning it would touch every
+    block). The others are pruned once at 50% and must still run and keep the output shape.
+    """
+    tp = _torch_pruning()
     with torch.no_grad():
         reference_shape = _output_shape(call_model(model, example_inputs))
+    probe = copy.deepcopy(model).eval()
+    graph = tp.DependencyGraph().build_dependency(probe, example_inputs=example_inputs)
+    names_by_module = {module: name for name, module in probe.named_modules()}
     names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    for name, module in probe.named_modules():
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or not time_left():
+            continue
+        prune_out = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+        try:
+            group = graph.get_pruning_group(module, prune_out, idxs=[0])
+        except Exception:  # noqa: BLE001 - a layer Torch-Pruning cannot group is not a candidate
+            continue
+        touched = [dependency.target.module for dependency, _ in group]
+        if any(isinstance(item, (nn.LayerNorm, nn.Embedding)) for item in touched):
             continue
         try:
-            pruned = prune_structured(model, example_inputs, {name: 0.5})
+            pruned = prune_structured(model, example_inputs, {names_by_module[module]: 0.5})
             with torch.no_grad():
                 shape = _output_shape(call_model(pruned, example_inputs))
         except Exception:  # noqa: BLE001 - a layer Torch-Pruning or the forward cannot handle is simply not a candidate

@@ -199,7 +199,7 @@ class _Search:
     def structured(self) -> None:
         example = self.target.inputs(2)
         try:
-            layers = prune_structured.candidate_layers(self.original, example)
+            layers = prune_structured.candidate_layers(self.original, example, time_left=self.time_left)
         except MethodSkipped as error:
             self.skip("prune", str(error))
             return
