@@ -197,6 +197,7 @@ class Planner:
         self._estimate_count = 0
         self._time_model = time_model
         self._order: list[Candidate] | None = None
+        self._search_notes: list[str] = []
         self.notes: list[str] = []
 
     @property
@@ -270,7 +271,8 @@ class Planner:
         started = time.perf_counter()
         check_budget(budget_bytes, self.margin)
         objective = _objective(objective)
-        notes = list(self.notes)
+        notes: list[str] = []
+        self._search_notes = notes  # the search adds its own (e.g. the estimate cap) to this plan's notes
         if self.spec.kind == "cuda" and budget_bytes > self.spec.memory_bytes:
             notes.append(f"budget {budget_bytes} bytes is more than the {self.spec.name}'s {self.spec.memory_bytes}; planned for the device's capacity")
             budget_bytes = self.spec.memory_bytes
@@ -341,7 +343,7 @@ class Planner:
             sized_for=self.inputs.sizing(winner.candidate.recipe.micro_batch_size or self.effective_batch_size),
             calibration_steps=calibration,
             estimates=self._estimate_count - count_before,
-            notes=tuple(dict.fromkeys(notes)),
+            notes=tuple(dict.fromkeys(self.notes + notes)),  # skipped recipes and timing defaults hold for every plan
             elapsed_s=round(time.perf_counter() - started, 3),
         )
 
@@ -361,7 +363,7 @@ class Planner:
             if any(uses_no_less_memory(self.axes, candidate.choice, small) for small in too_large):
                 continue
             if candidate.recipe not in self._estimates and self._estimate_count - count_before >= self.max_estimates:
-                self.notes.append(f"search stopped after {self.max_estimates} estimates; the plan is the fastest fitting recipe estimated")
+                self._search_notes.append(f"search stopped after {self.max_estimates} estimates; the plan is the fastest fitting recipe estimated")
                 known = [s for s in (self._scored_if_known(c) for c in order) if s is not None and fits(s)]
                 return min(known, key=lambda s: s.step_ms) if known else None
             scored = self._score(candidate)
