@@ -214,8 +214,9 @@ def _add_unseen_frees(log: Any) -> None:
     still holds proves the earlier block was freed; so does a block made during the steps that is
     still live, unclaimed, at the end. FSDP2 calls these collectives synchronously, so
     the calling thread is blocked from the copy's allocation until the collective ends: nothing else
-    happens on it in between, and the free goes right after the allocation (its bytes still count
-    at that instant).
+    happens on it in between; the free is placed at the calling thread's next free of its own, the
+    first point where the collective is certainly over and the thread has moved on (its bytes still
+    count until then).
     """
     live: dict[Any, int] = {}
     free_after: set[int] = set()
@@ -237,12 +238,18 @@ def _add_unseen_frees(log: Any) -> None:
     # address not handed out again (large blocks are unmapped on free).
     free_after.update(index for key, index in live.items() if index > first_forward and key not in claimed)
     events, times = [], []
+    pending: list[Any] = []  # unseen frees waiting for the calling thread to free something itself
     for index, (event, time_ns) in enumerate(zip(log.events, log.times_ns)):
         events.append(event)
         times.append(time_ns)
+        if event[0] == "free" and pending:
+            events.extend(("free", key) for key in pending)
+            times.extend([time_ns] * len(pending))
+            pending.clear()
         if index in free_after:
-            events.append(("free", event[1]))
-            times.append(time_ns)
+            pending.append(event[1])
+    events.extend(("free", key) for key in pending)
+    times.extend([times[-1]] * len(pending))
     log.events[:], log.times_ns[:] = events, times
 
 
