@@ -55,7 +55,7 @@ def estimate_command(spec, mode, args, device, device_memory, budget, output_for
 
         return run_generate_mode(workload, batch_size=recipe.batch_size, context_length=context_length, new_tokens=new_tokens,
                                  kv_cache_dtype=kv_cache_dtype, cache_kind=cache_kind, budget_bytes=budget_bytes, measure=False,
-                                 output_format=output_format, out=out)
+                                 output_format=output_format, out=out, device=device)
     if nproc != 1 or strategy is not None:  # per-rank estimate (memwise.distributed.estimate)
         from memwise.distributed.estimate import estimate_per_rank
 

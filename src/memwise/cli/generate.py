@@ -26,7 +26,7 @@ def generation_options(function: Callable) -> Callable:
 
 def run_generate_mode(workload: Any, *, batch_size: int | None, context_length: int | None, new_tokens: int | None,
                       kv_cache_dtype: str | None, cache_kind: str, budget_bytes: int | None, measure: bool,
-                      output_format: str, out: Path | str | None) -> None:
+                      output_format: str, out: Path | str | None, device: str = "cpu") -> None:
     """Estimates (or with `measure`, profiles) `model.generate` and prints the result."""
     from memwise.core.errors import BadInputError
     from memwise.measure.generate import GenerationShape
@@ -48,6 +48,11 @@ def run_generate_mode(workload: Any, *, batch_size: int | None, context_length: 
         from memwise.estimate.generate import estimate_generation
 
         result = estimate_generation(workload, shape, kv_cache_dtype=kv_cache_dtype or "model", budget_bytes=budget_bytes)
+        if device != "cpu":
+            import dataclasses
+
+            result = dataclasses.replace(result, notes=(*result.notes, f"--device {device}: generation is estimated with the CPU "
+                                                        "allocator's sizes; the CUDA caching allocator's rounding and context are not added"))
     if out is not None:
         import json
 
