@@ -49,6 +49,8 @@ def load(path: Path, model: torch.nn.Module) -> Callable[[ModelInputs], list[tor
 
     def run(inputs: ModelInputs) -> list[torch.Tensor]:
         bound = signature.bind_partial(*inputs.args, **inputs.kwargs).arguments
+        if not all(name in bound for name in names):  # inputs not named after the forward's parameters: by position
+            bound = dict(zip(names, inputs.tensors()))
         feeds = {name: bound[name].detach().cpu().numpy() for name in names}
         return [torch.from_numpy(array) for array in session.run(None, feeds)]
 
