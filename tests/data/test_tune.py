@@ -37,7 +37,10 @@ def test_candidates_cover_the_settings():
 def test_recommends_workers_for_a_slow_dataset(tuned):
     assert tuned.feasible
     assert tuned.num_workers > 0
-    assert tuned.samples_per_s == max(c.samples_per_s for c in tuned.candidates)
+    fastest = max(c.samples_per_s for c in tuned.candidates)
+    assert tuned.samples_per_s >= 0.9 * fastest  # within the tie band of the fastest...
+    tied = [c for c in tuned.candidates if c.samples_per_s >= 0.9 * fastest]
+    assert tuned.peak_host_bytes == min(c.peak_host_bytes for c in tied)  # ...and the leanest of those
     assert tuned.samples_per_s > 1.15 * tuned.baseline_samples_per_s  # measured in the same run (2 workers: ~2x when idle)
     # the workers' memory is counted: PSS of the tree grows with them
     no_workers = tuned.candidates[0].peak_host_bytes

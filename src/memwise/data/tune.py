@@ -15,6 +15,8 @@ from memwise.core.errors import BadInputError
 from memwise.core.serialize import from_dict, to_dict
 from memwise.data.host_memory import MEMORY_METRIC, tree_pss_bytes
 
+TIE_FRACTION = 0.10  # throughput differences below this are within the noise of short runs on shared cores
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoaderCandidate:
@@ -113,6 +115,9 @@ def tune_loader(
 ) -> LoaderConfig:
     """Measures DataLoader configurations on `dataset` and recommends the fastest within the budget.
 
+    Configurations within `TIE_FRACTION` (10%) of the fastest count as tied, and the one with the
+    least host memory among them is recommended (fewer workers when they buy nothing).
+
     Each candidate (see `candidate_settings`) iterates `epochs` passes of at most `max_batches`
     batches, so worker start-up is paid as often as it would be in training (once for persistent
     workers, every epoch otherwise). The PSS of this process and its workers is read at the end of
@@ -164,8 +169,12 @@ def tune_loader(
     baseline = candidates[0].samples_per_s  # num_workers=0, no pinning: DataLoader's defaults
     fitting = [candidate for candidate in candidates if candidate.fits]
     if fitting:
-        best = max(fitting, key=lambda candidate: candidate.samples_per_s)
-        reason = f"fastest of {len(candidates)} measured configurations"
+        fastest = max(candidate.samples_per_s for candidate in fitting)
+        # Within TIE_FRACTION of the fastest is a tie on a shared machine: the leanest of those wins.
+        tied = [candidate for candidate in fitting if candidate.samples_per_s >= fastest * (1 - TIE_FRACTION)]
+        best = min(tied, key=lambda candidate: (candidate.peak_host_bytes, -candidate.samples_per_s))
+        reason = (f"the least host memory among the {len(tied)} configurations within {TIE_FRACTION:.0%} of the fastest "
+                  f"(of {len(candidates)} measured)")
         if host_budget_bytes is not None:
             reason += f" within the host budget ({len(fitting)} fit)"
     else:
