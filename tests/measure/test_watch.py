@@ -132,7 +132,7 @@ def test_dataloader_workers_copy_on_read(fixed):
 
     planted = plant_dataloader_worker_rss_growth(fixed)
     hazards = [h for h in planted.result.hazards if h.kind == "dataloader_worker_rss_growth"]
-    assert bool(hazards) == (not fixed)
+    assert bool(hazards) == (not fixed), planted.result.hazards
     if not fixed:
         # Two workers read every row once: private RSS grows by tens of MiB (60,000 rows of 24 floats
         # as Python objects are about 70 MB); the line is the dataset's class.

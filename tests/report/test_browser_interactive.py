@@ -53,7 +53,9 @@ class _Page:
             time.sleep(0.1)
         self.socket = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.next_id = 0
-        while not self.evaluate("document.readyState === 'complete' && !!document.getElementById('peak-bytes')"):
+        # Wait for the layout to settle: the page parsed and the embedded plot decoded (it moves what follows).
+        while not self.evaluate("document.readyState === 'complete' && !!document.getElementById('peak-bytes')"
+                                " && [...document.images].every(image => image.complete)"):
             time.sleep(0.1)
 
     def send(self, method: str, **params):
@@ -76,6 +78,8 @@ class _Page:
 
     def hover(self, selector: str) -> None:
         x, y = self.center(selector)
+        hit = self.evaluate(f"document.querySelector({json.dumps(selector)}) === document.elementFromPoint({x}, {y})")
+        assert hit, f"{selector} is not the element under its own center"
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
 
     def click(self, selector: str) -> None:

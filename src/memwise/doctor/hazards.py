@@ -7,6 +7,7 @@ statistics, DataLoader workers' resident memory).
 """
 
 import dataclasses
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,26 +105,26 @@ def fragmentation_hazard(stats: dict[str, int], step: int, location: Location) -
 
 
 def worker_rss_hazard(rss_by_step: Sequence[tuple[int, int]], location: Location, dataset: str) -> Hazard | None:
-    """A `dataloader_worker_rss_growth` hazard when the DataLoader workers' summed resident memory
-    grows by at least `WORKER_RSS_MIN_GROWTH_BYTES` from the first sample to the last, and never falls
-    back by more than half of that growth (a leak-like trend, not noise).
+    """A `dataloader_worker_rss_growth` hazard when the DataLoader workers' summed private resident
+    memory grows by at least `WORKER_RSS_MIN_GROWTH_BYTES` from the first sample to the last, and
+    the later half of the samples sits above the earlier half by at least half that growth (a
+    trend, not one noisy sample; a dip from the kernel reclaiming pages does not hide it).
 
     Args:
-        rss_by_step: (step, summed RSS bytes of the worker processes), in step order.
+        rss_by_step: (step, summed private RSS bytes of the worker processes), in step order.
         location: the dataset's class definition.
         dataset: the dataset's class name, for the message.
     """
     if len(rss_by_step) < 2:
         return None
-    first, last = rss_by_step[0][1], rss_by_step[-1][1]
+    values = [rss for _, rss in rss_by_step]
+    first, last = values[0], values[-1]
     growth = last - first
+    half = len(values) // 2
     if growth < WORKER_RSS_MIN_GROWTH_BYTES:
         return None
-    running_max = first
-    for _, rss in rss_by_step:
-        running_max = max(running_max, rss)
-        if running_max - rss > growth / 2:
-            return None
+    if statistics.median(values[-half:]) - statistics.median(values[:half]) < growth / 2:
+        return None
     steps = [step for step, _ in rss_by_step]
     message = (
         f"DataLoader workers' resident memory grew from {format_bytes(first)} to {format_bytes(last)} over steps "

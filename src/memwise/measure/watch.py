@@ -468,8 +468,8 @@ class Watch:
             self._check_zeroed_grads(step)
         if self._phase != "forward":
             self._set_phase("forward")
-        inputs = [t for t in _tensors_in((args, kwargs)) if t.device.type == self.device.type]
-        self.marker("claim", "input", [(storage_key(t), None) for t in inputs])
+        inputs = [_key_or_none(t) for t in _tensors_in((args, kwargs)) if t.device.type == self.device.type]
+        self.marker("claim", "input", [(key, None) for key in inputs if key])
         forward = _Forward(index=len(self._forwards), step=step, site=user_site(2),
                            grad_enabled=torch.is_grad_enabled(), training=self.model.training)
         self._forwards.append(forward)
@@ -480,7 +480,7 @@ class Watch:
             return
         forward = self._forwards[-1]
         outputs = list(_tensors_in(output))
-        forward.output_keys = tuple(storage_key(t) for t in outputs if t.device.type == self.device.type)
+        forward.output_keys = tuple(_key_or_none(t) for t in outputs if t.device.type == self.device.type)
         self.marker("forward_end", forward.index)
         for tensor in outputs:
             if tensor.requires_grad and tensor.grad_fn is not None:

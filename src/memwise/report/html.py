@@ -144,7 +144,7 @@ def _html_table(content: TableContent, *, show_header: bool = True) -> str:
 
 
 _SVG_WIDTH, _SVG_HEIGHT, _MARGIN = 960, 280, 48
-_MAX_HOVER_SAMPLES = 400
+_MAX_HOVER_SAMPLES = 240
 
 
 def _totals(result: Any) -> list[int]:
@@ -156,7 +156,10 @@ def _totals(result: Any) -> list[int]:
 def _kept_samples(count: int, peak_index: int) -> list[int]:
     """At most `_MAX_HOVER_SAMPLES` evenly spread sample indexes, the peak always among them."""
     stride = max(1, -(-count // _MAX_HOVER_SAMPLES))
-    kept = set(range(0, count, stride)) | ({peak_index} if 0 <= peak_index < count else set())
+    kept = list(range(0, count, stride))
+    if 0 <= peak_index < count and peak_index not in kept:  # the peak takes its nearest neighbour's place
+        nearest = min(range(len(kept)), key=lambda position: abs(kept[position] - peak_index))
+        kept[nearest] = peak_index
     return sorted(kept)
 
 
@@ -190,16 +193,18 @@ def timeline_svg(result: Any, compare: Any = None) -> str:
     totals = _totals(result)
     compare_totals = _totals(compare) if compare is not None and len(compare.timeline.x) >= 2 else None
     top = max(totals + (compare_totals or [])) or 1
-    xs = list(timeline.x)
+    # x is the sample's position (event order), not its time: bursts of events then get hover
+    # targets as wide as quiet stretches; the panel gives the time.
+    xs = list(range(len(timeline.x)))
     points = _points(xs, totals, top)
     parts = [
         f'<svg class="chart" id="timeline-svg" viewBox="0 0 {_SVG_WIDTH} {_SVG_HEIGHT}" role="img" '
         'aria-label="Live memory through the steps; hover a point for details">',
-        f'<text x="{_MARGIN}" y="20">live bytes (peak {escape(format_bytes(top))}); hover for details</text>',
+        f'<text x="{_MARGIN}" y="20">live bytes in event order (peak {escape(format_bytes(top))}); hover for details</text>',
         '<polyline class="total" points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>',
     ]
     if compare_totals is not None:
-        compare_points = _points(list(compare.timeline.x), compare_totals, top)
+        compare_points = _points(list(range(len(compare.timeline.x))), compare_totals, top)
         parts.append('<polyline class="overlay" id="timeline-overlay" points="'
                      + " ".join(f"{x:.1f},{y:.1f}" for x, y in compare_points) + '"/>')
     kept = _kept_samples(len(xs), timeline.peak_index)
