@@ -39,6 +39,9 @@ def run_generate_mode(workload: Any, *, batch_size: int | None, context_length: 
         new_tokens=new_tokens or 128, cache=cache_kind,
     )
     if measure:
+        if device != "cpu":
+            raise BadInputError(f"--device {device}: `memwise profile --mode generate` measures on the CPU; "
+                                "use `memwise estimate --mode generate` for other devices")
         if kv_cache_dtype is not None:
             raise BadInputError("--kv-cache-dtype: a what-if of `memwise estimate`; `memwise profile` measures the model's own cache")
         from memwise.measure.generate import profile_generation

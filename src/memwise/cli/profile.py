@@ -56,7 +56,7 @@ def profile_command(spec, mode, args, steps, verify, device, seed, output_format
 
         return run_generate_mode(workload, batch_size=recipe.batch_size, context_length=context_length, new_tokens=new_tokens,
                                  kv_cache_dtype=kv_cache_dtype, cache_kind=cache_kind, budget_bytes=None, measure=True,
-                                 output_format=output_format, out=out)
+                                 output_format=output_format, out=out, device=device)
     progress = StepProgress(f"profiling {workload.name}")
     try:
         result = profile(workload, recipe, steps=steps, mode=mode, device=device, verify=verify, progress=progress)
