@@ -29,6 +29,7 @@ def test_finds_the_largest_batch_that_fits_with_two_real_steps(variable_gpt):
     assert BatchSizeResult.from_dict(result.to_dict()) == result
 
 
+@pytest.mark.slow
 def test_sized_for_the_longest_sequence_not_the_ones_drawn(variable_gpt):
     """Sized on drawn batches (as peers do), a later longer batch would overflow; sized for 64 tokens, none does."""
     budget = memwise.estimate(variable_gpt, Recipe(batch_size=12)).peak_bytes

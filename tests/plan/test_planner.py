@@ -89,6 +89,7 @@ def narrow_planner():
     return planner, planner.estimate(Recipe(batch_size=BATCH)).peak_bytes
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(FRACTIONS), st.sampled_from(FRACTIONS))
 def test_a_larger_budget_never_gives_a_slower_predicted_plan(narrow_planner, low, high):
@@ -115,6 +116,7 @@ def test_a_plan_keeps_the_effective_batch_it_was_asked_for(batch):
     assert result.feasible and result.recipe.batch_size == batch == result.effective_batch_size and batch % micro == 0
 
 
+@pytest.mark.slow
 def test_gpu_target_from_a_cpu_machine_plans_on_the_estimate_and_says_so():
     import torch
 
