@@ -14,6 +14,7 @@ from memwise.core import strategy as strategy_module
 from memwise.core.errors import BadInputError
 from memwise.core.recipe import Recipe
 from memwise.core.step import StepRunner
+from memwise.report.html import render_html
 from memwise.report.tables import render_markdown
 from memwise.strategies.master_weights import MasterWeightsOptimizer
 from memwise.strategies.optimizer_state import LowPrecisionAdam
@@ -97,6 +98,7 @@ def test_notes_are_in_every_result(tiny_workload):
         assert json.loads(json.dumps(result.to_dict()))["notes"] == [note]
         assert type(result).from_dict(result.to_dict()).notes == (note,)
     assert "## Notes\n\n- allocator settings 'expandable\\_segments:True' apply to CUDA only" in render_markdown(profile)
+    assert f"<h2>Notes</h2>\n<ul><li>{note.replace(chr(39), '&#x27;')}</li></ul>" in render_html(estimate, None)
     assert memwise.profile(tiny_workload, Recipe(batch_size=4), steps=1).notes == ()
 
 

@@ -20,6 +20,7 @@ from memwise.report.tables import (
     assumptions_of,
     category_content,
     module_content,
+    notes_of,
     peak_text,
     summary_content,
     what_if_content,
@@ -99,6 +100,10 @@ def render_html(result: Any, plot_png: bytes | None, *, compare: Any = None) -> 
     if assumptions:
         items = "".join(f"<li>{escape(item)}</li>" for item in assumptions)
         body.append(f"<h2>Assumptions</h2>\n<ul>{items}</ul>")
+    notes = notes_of(result)
+    if notes:
+        items = "".join(f"<li>{escape(item)}</li>" for item in notes)
+        body.append(f"<h2>Notes</h2>\n<ul>{items}</ul>")
     body.append("<footer>Made by memwise. Sizes use binary units (1 MiB = 1,048,576 bytes).</footer>")
     return (
         "<!DOCTYPE html>\n"
