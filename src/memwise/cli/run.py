@@ -11,10 +11,11 @@ from memwise.cli.common import emit_json, format_option, handle_errors, load_spe
 @click.option("--offload", "where", type=click.Choice(["cpu", "disk"]), default=None,
               help="Where the other weights wait: disk (memory-mapped safetensors; default on CPU) or cpu (pinned host memory, for CUDA).")
 @click.option("--batch-size", type=int, default=None, help="Samples in the batch (default: the workload's).")
+@click.option("--device", default=None, help="Compute device: cuda[:N] or cpu (default: CUDA when available).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Keyword argument for the workload function (repeatable).")
 @format_option
 @handle_errors
-def run_command(spec, budget, where, batch_size, args, output_format):
+def run_command(spec, budget, where, batch_size, device, args, output_format):
     """Run inference of SPEC with at most --budget of weights resident, and compare with the plain model.
 
     Blocks (transformer layers) that do not fit are streamed in one at a time. The table shows the
@@ -33,7 +34,7 @@ def run_command(spec, budget, where, batch_size, args, output_format):
     budget_bytes = parse_size(budget, name="--budget")
     if batch_size is not None and batch_size <= 0:
         raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
-    result = run_in_budget(load_spec(spec, args), budget_bytes, where=where, batch_size=batch_size)
+    result = run_in_budget(load_spec(spec, args), budget_bytes, where=where, batch_size=batch_size, device=device)
     if output_format == "json":
         emit_json(result.to_dict())
         return
@@ -42,8 +43,9 @@ def run_command(spec, budget, where, batch_size, args, output_format):
         ("resident weights (max)", format_bytes(result.resident_weight_bytes_max)),
         ("peak (measured)", format_bytes(result.peak_bytes)),
         ("latency offloaded / plain", f"{result.latency_ms:.1f} ms / {result.plain_latency_ms:.1f} ms "
-                                      f"({result.latency_ms / result.plain_latency_ms:.2f}x)"),
-        ("max abs diff vs plain", f"{result.max_abs_diff:.3g}"),
+                                      f"({result.latency_ms / result.plain_latency_ms:.2f}x)" if result.plain_latency_ms
+                                      else f"{result.latency_ms:.1f} ms / plain model does not fit"),
+        ("max abs diff vs plain", f"{result.max_abs_diff:.3g}" if result.max_abs_diff is not None else "n/a (plain model does not fit)"),
         ("offload to", f"{result.where} ({len(result.pinned_units)} units kept resident)"),
     ]
     if output_format == "markdown":
