@@ -17,7 +17,7 @@ pytest.importorskip("torch_pruning", reason="the seed example prunes with torch-
 @pytest.fixture(scope="module")
 def digits_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "compressed"
-    return memwise.compress(digits_cnn(), 0.01, methods="prune,quantize,distill", budget_s=60, out=out), out
+    return memwise.compress(digits_cnn(), 0.01, methods="prune,quantize,distill", out=out, distill_steps=100), out
 
 
 def test_seed_example_simplecnn_pruned_quantized_saved_reloaded(digits_result):

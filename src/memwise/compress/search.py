@@ -45,6 +45,7 @@ from memwise.compress.result import (
     Trial,
 )
 from memwise.compress.target import CompressTarget, target_from_workload
+from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError
 from memwise.core.workload import Workload
 from memwise.report.atomic import write_atomic
@@ -75,8 +76,10 @@ class _Search:
         methods: set[Method],
         budget_s: float,
         progress: Progress | None,
+        distill_steps: int,
     ) -> None:
         self.target = target
+        self.distill_steps = distill_steps
         self.max_metric_drop = max_metric_drop
         self.objective = objective
         self.methods = methods
@@ -89,7 +92,9 @@ class _Search:
         self.skipped: list[SkippedMethod] = []
         self.original = target.model
         self.latency_batches = {f"batch_{size}": target.inputs(size) for size in LATENCY_BATCHES}
+        evaluate_started = time.monotonic()
         self.original_metric = float(target.evaluate(self.original))
+        self.evaluate_s = time.monotonic() - evaluate_started
         self.original_bytes = serialize(self.original)
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -132,8 +137,12 @@ class _Search:
         return candidate
 
     # --- steps ---------------------------------------------------------------------------------
-    def quantize_variants(self, model: nn.Module, prefix: list[AppliedMethod], label_prefix: str) -> list[_Candidate]:
-        """Trials of every applicable quantization of `model`; returns them."""
+    def quantize_variants(self, model: nn.Module, prefix: list[AppliedMethod], label_prefix: str, *, first_always: bool = False) -> list[_Candidate]:
+        """Trials of every applicable quantization of `model`; returns them.
+
+        `first_always`: the first applicable variant runs even when the budget is spent (the
+        quantization of a pruned model finishes the pruning step).
+        """
         out: list[_Candidate] = []
         has_conv = any(isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for module in model.modules())
         has_linear = bool(quantize.linear_names(model)) or any(isinstance(module, (nn.LSTM, nn.GRU)) for module in model.modules())
@@ -146,13 +155,13 @@ class _Search:
                 return quantize.quantize_embeddings_int8(candidate_model), [AppliedMethod(name="int8_embedding", params={"scale": "per-row absmax"})]
             return candidate_model, []
 
-        if has_conv and self.time_left():
+        if has_conv and (self.time_left() or first_always):
             try:
                 static = quantize.quantize_static_int8(model, calibration, calibration[0])
                 out.append(self.trial(f"{label_prefix}static_int8", prefix + [AppliedMethod(name="static_int8", params={"backend": "x86", "calibration_batches": len(calibration), "qconfig": "per-channel weights, histogram activations"})], static))
             except MethodSkipped as error:
                 self.skip("quantize:static_int8", str(error))
-        if has_linear and self.time_left():
+        if has_linear and (self.time_left() or (first_always and not has_conv)):
             full_range = quantize.cpu_has_vnni()
             dynamic, extra = finish(quantize.quantize_dynamic_int8(model, full_range=full_range))
             applied = prefix + [AppliedMethod(name="dynamic_int8", params={"weights": "per-channel int8", "activations": "per-tensor uint8, 8-bit" if full_range else "per-tensor uint8, 7-bit"})] + extra
@@ -198,6 +207,16 @@ class _Search:
 
     def structured(self) -> None:
         example = self.target.inputs(2)
+        layers_upper_bound = sum(isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for module in self.original.modules())
+        # The scan evaluates each candidate at 3 ratios; a third of the layers is a typical candidate count.
+        expected_s = self.evaluate_s * len(prune_structured.SCAN_RATIOS) * max(1, layers_upper_bound // 3)
+        if Method.DISTILL in self.methods:
+            expected_s += self.distill_estimate_s(self.distill_steps)
+        remaining_s = self.deadline - time.monotonic()
+        if expected_s > remaining_s:
+            self.skip("prune", f"the sensitivity scan needs about {expected_s:.0f} s ({self.evaluate_s:.1f} s per evaluation), "
+                               f"{max(remaining_s, 0):.0f} s of the budget are left; raise --budget-s")
+            return
         try:
             layers = prune_structured.candidate_layers(self.original, example, time_left=self.time_left)
         except MethodSkipped as error:
@@ -216,33 +235,47 @@ class _Search:
         ratios = prune_structured.ratios_from_scan(scan, tolerated)
         while ratios and self.time_left():
             pruned = prune_structured.prune_structured(self.original, example, ratios)
-            applied = [AppliedMethod(name="prune_structured", params={"ratios": ratios, "importance": "group L2 magnitude", "scan": {item.layer: item.drop_by_ratio for item in scan}})]
+            applied = [AppliedMethod(name="prune_structured", params={"ratios": ratios, "importance": "group L2 magnitude", "scan": {item.layer: {str(ratio): drop for ratio, drop in item.drop_by_ratio.items()} for item in scan}})]
             drop = self.original_metric - float(self.target.evaluate(pruned))
             if use_distill and drop > self.max_metric_drop / 4 and self.time_left():
-                distill_module.distill(pruned, self.original, self.target.make_labeled, steps=DISTILL_STEPS)
-                applied.append(AppliedMethod(name="distill", params={"steps": DISTILL_STEPS, "temperature": 4.0, "alpha": 0.7, "lr": 1e-3, "batch_size": 64}))
+                distill_module.distill(pruned, self.original, self.target.make_labeled, steps=self.distill_steps)
+                applied.append(AppliedMethod(name="distill", params={"steps": self.distill_steps, "temperature": 4.0, "alpha": 0.7, "lr": 1e-3, "batch_size": 64}))
             base = self.trial("+".join(item.name for item in applied), applied, pruned)
             if base.trial.accepted or base.trial.metric_drop <= self.max_metric_drop * 1.5:
                 if Method.QUANTIZE in self.methods:
-                    self.quantize_variants(pruned, applied, base.trial.method + "+")
+                    self.quantize_variants(pruned, applied, base.trial.method + "+", first_always=True)
                 if base.trial.accepted:
                     return
             ratios = {name: ratio / 2 for name, ratio in ratios.items() if ratio / 2 >= 0.1}
 
+    def distill_estimate_s(self, steps: int) -> float:
+        """Rough cost of `steps` distillation steps at batch 64: teacher forward, student forward and
+        backward (about 4 forwards), from the batch-32 forward time measured in the first trial."""
+        if not self.candidates:
+            return 0.0
+        forward_s = self.candidates[0].trial.original_latency_ms["batch_32"] / 1000.0
+        return steps * 2 * 4 * forward_s
+
     def sparse(self) -> None:
         use_distill = Method.DISTILL in self.methods
+        expected_s = len(SPARSITIES) * (self.evaluate_s + (self.distill_estimate_s(self.distill_steps // 2) if use_distill else 0.0))
+        remaining_s = self.deadline - time.monotonic()
+        if expected_s > remaining_s:
+            self.skip("sparse", f"magnitude pruning with distillation recovery needs about {expected_s:.0f} s, "
+                                f"{max(remaining_s, 0):.0f} s of the budget are left; raise --budget-s")
+            return
         for sparsity in SPARSITIES:
             if not self.time_left():
                 break
 
             def recover(model: nn.Module) -> None:
                 if use_distill:
-                    distill_module.distill(model, self.original, self.target.make_labeled, steps=DISTILL_STEPS // 2)
+                    distill_module.distill(model, self.original, self.target.make_labeled, steps=self.distill_steps // 2)
 
             pruned = prune_unstructured.prune_magnitude(self.original, sparsity, recover=recover)
             applied = [AppliedMethod(name="prune_unstructured", params={"sparsity": sparsity, "criterion": "global L1"})]
             if use_distill:
-                applied.append(AppliedMethod(name="distill", params={"steps": DISTILL_STEPS // 2, "temperature": 4.0, "alpha": 0.7}))
+                applied.append(AppliedMethod(name="distill", params={"steps": self.distill_steps // 2, "temperature": 4.0, "alpha": 0.7}))
             applied.append(AppliedMethod(name="sparse_storage", params={"format": "CSR int32 indices where smaller"}))
             candidate = self.trial(f"sparse_{int(sparsity * 100)}", applied, pruned, sparse=True)
             if not candidate.trial.accepted:
@@ -310,6 +343,7 @@ def compress(
     force: bool = False,
     weights: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    distill_steps: int = DISTILL_STEPS,
 ) -> CompressionResult:
     """Searches compressions of a trained model and keeps the best whose metric drops at most `max_metric_drop`.
 
@@ -324,6 +358,7 @@ def compress(
         force: replace those files when `out` exists.
         weights: a state dict file to load into the workload's model (a user's trained weights).
         progress: `progress(done, total, label)` after each evaluated step.
+        distill_steps: Adam steps of each distillation recovery (the sparse step uses half).
 
     Returns:
         A CompressionResult. `feasible` is False when no candidate met the guard; `compressed` is
@@ -356,7 +391,7 @@ def compress(
     target = target_from_workload(workload, weights=weights)
 
     with torch.no_grad():
-        search = _Search(target, float(max_metric_drop), objective, method_set, float(budget_s or DEFAULT_BUDGET_S), progress)
+        search = _Search(target, float(max_metric_drop), objective, method_set, float(budget_s or DEFAULT_BUDGET_S), progress, positive_int(distill_steps, "distill_steps"))
     skipped_methods = {Method.DISTILL} if method_set == {Method.DISTILL} else set()
     if skipped_methods:
         search.skip("distill", "distillation is a recovery step: add prune or sparse to --methods")
