@@ -47,7 +47,7 @@ def check_nproc(nproc: int, device: str, cuda_device_count: int | None = None) -
 def torchrun_command(config_path: Path, nproc: int) -> list[str]:
     """The torchrun command line that starts `nproc` workers on this machine (`--standalone`: a free port)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "memwise.distributed.worker", str(config_path)]
+            "-m", "memwise.distributed", str(config_path)]
 
 
 def launch_train(

@@ -1,6 +1,6 @@
 """One rank of `memwise train --nproc N --strategy S`, started by torchrun.
 
-`python -m memwise.distributed.worker CONFIG.json` (what `launch_train` runs under torchrun), or
+`python -m memwise.distributed CONFIG.json` (what `launch_train` runs under torchrun), or
 `memwise train ... --strategy S` typed after a torchrun command (multi-node): both call `run_rank`.
 """
 
@@ -135,7 +135,7 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
         # gradients became ready (second step); they live for the whole run.
         _claim_wrap_buffers(log, "grad")
         _claim_live_at_end(log, "grad")
-    _add_unseen_frees(log)
+    _add_unseen_frees(log, _fsdp_group_param_bytes(model, world_size) if config.strategy == DistStrategy.FSDP else [])
     breakdown = log.summarize()
     runner = state["runner"]
     runner.on_phase = lambda phase: None
@@ -205,18 +205,31 @@ def _free_replaced_originals(log: Any, kept_keys: set[int]) -> None:
         log.times_ns.insert(first_forward, log.times_ns[first_forward])
 
 
-def _add_unseen_frees(log: Any) -> None:
+def _fsdp_group_param_bytes(model: torch.nn.Module, world_size: int) -> list[list[int]]:
+    """Per FSDP2 group (each block, then the root's own parameters): the bytes of each unsharded
+    parameter as FSDP2 allocates it (dim 0 padded to a multiple of the ranks)."""
+    from memwise.distributed.estimate import shard_bytes
+    from memwise.distributed.wrap import fsdp_blocks
+
+    blocks = [block for _, block in fsdp_blocks(model)]
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    groups = [list(block.parameters()) for block in blocks]
+    groups.append([p for p in model.parameters() if id(p) not in in_blocks])
+    return [[shard_bytes(p, world_size) * world_size for p in group] for group in groups if group]
+
+
+def _add_unseen_frees(log: Any, fsdp_groups: list[list[int]]) -> None:
     """Inserts the frees the profiler missed, found by address reuse.
 
     gloo runs collectives on its own threads, where the profiler records nothing: the input copy its
     collectives make on the calling thread (e.g. reduce-scatter's clone) is freed on a worker
-    thread. The allocator cannot hand out a live address, so an allocation at an address the log
-    still holds proves the earlier block was freed; so does a block made during the steps that is
-    still live, unclaimed, at the end. FSDP2 calls these collectives synchronously, so
-    the calling thread is blocked from the copy's allocation until the collective ends: nothing else
-    happens on it in between; the free is placed at the calling thread's next free of its own, the
-    first point where the collective is certainly over and the thread has moved on (its bytes still
-    count until then).
+    thread, and so is an FSDP2 all-gather output when gloo's thread drops the last reference to it.
+    The allocator cannot hand out a live address, so an allocation at an address the log still
+    holds proves the earlier block was freed; so does a block made during the steps that is still
+    live, unclaimed, at the end. An all-gather output (as large as one FSDP2 group's unsharded
+    parameters) is freed after the copy-out, i.e. once that group's unsharded parameters have been
+    allocated after it; any other such block (a collective's own copy, freed when the collective
+    ends) at the calling thread's next free of its own.
     """
     live: dict[Any, int] = {}
     free_after: set[int] = set()
@@ -237,20 +250,48 @@ def _add_unseen_frees(log: Any) -> None:
     # a block made during the steps, unclaimed and still live at the end, was freed unseen at an
     # address not handed out again (large blocks are unmapped on free).
     free_after.update(index for key, index in live.items() if index > first_forward and key not in claimed)
-    events, times = [], []
+    place_after = {index: _copy_out_end(log.events, index, fsdp_groups) for index in free_after}
+    inserts: dict[int, list[Any]] = {}
     pending: list[Any] = []  # unseen frees waiting for the calling thread to free something itself
+    for index, event in enumerate(log.events):
+        if event[0] == "free" and pending:
+            inserts.setdefault(index, []).extend(pending)
+            pending.clear()
+        if index in place_after:
+            if place_after[index] is None:
+                pending.append(event[1])
+            else:
+                inserts.setdefault(place_after[index], []).append(event[1])
+    events, times = [], []
     for index, (event, time_ns) in enumerate(zip(log.events, log.times_ns)):
         events.append(event)
         times.append(time_ns)
-        if event[0] == "free" and pending:
-            events.extend(("free", key) for key in pending)
-            times.extend([time_ns] * len(pending))
-            pending.clear()
-        if index in free_after:
-            pending.append(event[1])
+        for key in inserts.get(index, ()):
+            events.append(("free", key))
+            times.append(time_ns)
     events.extend(("free", key) for key in pending)
     times.extend([times[-1]] * len(pending))
     log.events[:], log.times_ns[:] = events, times
+
+
+def _copy_out_end(events: list[Any], index: int, fsdp_groups: list[list[int]]) -> int | None:
+    """For an FSDP2 all-gather output (a flat block as large as one group's unsharded parameters),
+    the index of the allocation that completes that group's unsharded parameters after it: the
+    copy-out, after which FSDP2 drops the output. None for any other block."""
+    nbytes = events[index][2]
+    for sizes in fsdp_groups:
+        if sum(sizes) != nbytes:
+            continue
+        wanted = sorted(sizes)
+        for later in range(index + 1, len(events)):
+            event = events[later]
+            if event[0] == "alloc" and event[2] in wanted:
+                wanted.remove(event[2])
+                if not wanted:
+                    return later
+            elif event[0] == "phase":
+                break
+    return None
 
 
 def _claim_live_at_end(log: Any, category: str) -> None:
@@ -292,6 +333,3 @@ def main(argv: list[str] | None = None) -> int:
     run_rank(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
