@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from memwise.cli.common import emit_json, format_option, handle_errors, load_spec
+from memwise.cli.key_value import print_key_value_table
 
 TARGET_CHOICES = ("onnx", "torch-export", "torchscript")
 
@@ -88,17 +89,4 @@ def _print(result, *, markdown: bool) -> None:
     ]
     rows += [(f"{check.inputs} batch {check.batch_size}", f"max abs diff {check.max_abs_diff:.3g}") for check in result.checks]
     rows += [("note", note) for note in result.notes]
-    if markdown:
-        click.echo(f"### export of {result.model}\n\n| | |\n|---|---|")
-        for name, value in rows:
-            click.echo(f"| {name} | {value} |")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"export of {result.model}")
-    table.add_column("")
-    table.add_column("")
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
+    print_key_value_table(f"export of {result.model}", rows, markdown=markdown)

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from memwise.cli.common import emit_json
+from memwise.cli.key_value import print_key_value_table
 
 
 def generation_options(function: Callable) -> Callable:
@@ -90,17 +91,4 @@ def _print(result: Any, *, markdown: bool) -> None:
     rows += [(f"what if: {item.change}", f"{format_bytes(item.peak_bytes)} (saves {format_bytes(item.saving_bytes)})") for item in result.what_ifs]
     rows += [("note", note) for note in result.notes]
     title = f"{result.workload}: generate {result.batch_size} x ({result.context_length} + {result.new_tokens}) tokens"
-    if markdown:
-        click.echo(f"### {title}\n\n| | |\n|---|---|")
-        for name, value in rows:
-            click.echo(f"| {name} | {value} |")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("")
-    table.add_column("")
-    for name, value in rows:
-        table.add_row(name, value)
-    Console(emoji=False).print(table)
+    print_key_value_table(title, rows, markdown=markdown)

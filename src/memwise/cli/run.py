@@ -3,6 +3,7 @@
 import click
 
 from memwise.cli.common import emit_json, format_option, handle_errors, load_spec
+from memwise.cli.key_value import print_key_value_table
 
 
 @click.command("run")
@@ -48,17 +49,5 @@ def run_command(spec, budget, where, batch_size, device, args, output_format):
         ("max abs diff vs plain", f"{result.max_abs_diff:.3g}" if result.max_abs_diff is not None else "n/a (plain model does not fit)"),
         ("offload to", f"{result.where} ({len(result.pinned_units)} units kept resident)"),
     ]
-    if output_format == "markdown":
-        click.echo(f"### {result.workload} in {format_bytes(result.budget_bytes)}\n\n| | |\n|---|---|")
-        for name, value in rows:
-            click.echo(f"| {name} | {value} |")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{result.workload}, batch {result.batch_size}, in {format_bytes(result.budget_bytes)}")
-    table.add_column("")
-    table.add_column("")
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
+    print_key_value_table(f"{result.workload}, batch {result.batch_size}, in {format_bytes(result.budget_bytes)}", rows,
+                          markdown=output_format == "markdown")
