@@ -105,13 +105,13 @@ def fragmentation_hazard(stats: dict[str, int], step: int, location: Location) -
 
 
 def worker_rss_hazard(rss_by_step: Sequence[tuple[int, int]], location: Location, dataset: str) -> Hazard | None:
-    """A `dataloader_worker_rss_growth` hazard when the DataLoader workers' summed private resident
-    memory grows by at least `WORKER_RSS_MIN_GROWTH_BYTES` from the first sample to the last, and
+    """A `dataloader_worker_rss_growth` hazard when the DataLoader workers' summed unique resident
+    memory (USS) grows by at least `WORKER_RSS_MIN_GROWTH_BYTES` from the first sample to the last, and
     the later half of the samples sits above the earlier half by at least half that growth (a
     trend, not one noisy sample; a dip from the kernel reclaiming pages does not hide it).
 
     Args:
-        rss_by_step: (step, summed private RSS bytes of the worker processes), in step order.
+        rss_by_step: (step, summed USS bytes of the worker processes), in step order.
         location: the dataset's class definition.
         dataset: the dataset's class name, for the message.
     """
@@ -128,7 +128,7 @@ def worker_rss_hazard(rss_by_step: Sequence[tuple[int, int]], location: Location
     steps = [step for step, _ in rss_by_step]
     message = (
         f"DataLoader workers' resident memory grew from {format_bytes(first)} to {format_bytes(last)} over steps "
-        f"{steps[0]}-{steps[-1]} (measured with psutil): {dataset} hands out Python objects that each worker copies on read"
+        f"{steps[0]}-{steps[-1]} (unique resident memory, psutil): {dataset} hands out Python objects that each worker copies on read"
     )
     return make_hazard("dataloader_worker_rss_growth", growth, steps, location, message)
 

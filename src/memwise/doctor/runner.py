@@ -173,7 +173,7 @@ def _model_of(optimizer: torch.optim.Optimizer) -> torch.nn.Module:
     """The largest live module holding any of `optimizer`'s parameters (the model being trained)."""
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     best, best_count = None, 0
-    for obj in gc.get_objects():
+    for obj in gc.get_objects():  # modules are few among the objects; only they are looked at
         if not issubclass(type(obj), torch.nn.Module):
             continue
         params = list(obj.parameters())

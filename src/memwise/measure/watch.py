@@ -316,7 +316,11 @@ class Watch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.finish()
+        if exc_type is None:
+            self.finish()
+        else:  # the loop failed (an OOM at step 3,000): analyse what was seen, never mask its error
+            with contextlib.suppress(Exception):
+                self.finish()
         return False
 
     def start(self, entry_site: Site | None = None) -> None:
@@ -369,7 +373,8 @@ class Watch:
         for owner in (self.model, self.optimizer):
             if owner is not None:
                 self._patch_zero_grad(owner)
-        self._weight_findings = self._weight_hazards()
+        with _gc_paused():
+            self._weight_findings = self._weight_hazards()
         self._step_started = time.perf_counter()
         self._active = True
 
@@ -583,16 +588,20 @@ class Watch:
         total = 0
         for child in children:
             with contextlib.suppress(psutil.Error):
-                memory = child.memory_info()
-                # Private resident pages: pages shared with the parent (a numpy array read by a
-                # worker) count in RSS too, but only copied ones cost memory per worker.
-                total += memory.rss - getattr(memory, "shared", 0)
+                # Unique set size: pages only this worker holds. A forked worker's RSS counts the
+                # parent's pages from the start; reading a Python object writes its reference count
+                # and turns a shared page into a private copy, which USS sees and RSS does not.
+                total += child.memory_full_info().uss
         if children:
             self._worker_rss.append((step, total))
 
     # -- analysis ----------------------------------------------------------------------------------
 
     def _analyse(self, prof: Any) -> WatchResult:
+        with _gc_paused():
+            return self._analyse_log(prof)
+
+    def _analyse_log(self, prof: Any) -> WatchResult:
         log, marks = self._build_log(prof)
         breakdown = log.summarize()
         records = log._classify()
@@ -1010,6 +1019,19 @@ def _saved_storage_keys(roots: list[Any]) -> set[int]:
                     keys.add(storage_key(item))
         stack.extend(next_node for next_node, _ in node.next_functions)
     return keys
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside: the analysis allocates in bursts, and each full
+    collection walks every object of a large process (minutes in a long test session)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _live_tensors() -> Iterator[torch.Tensor]:
