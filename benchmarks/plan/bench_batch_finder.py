@@ -37,7 +37,8 @@ from memwise.plan import find_batch_size  # noqa: E402
 WORKLOADS = [
     ("gpt 4 layers, seq 64-256", "gpt", {"n_layer": 4, "block_size": 256, "seq_len": "64-256"}, 28),
     ("gpt tiny, seq 64", "gpt", {}, 48),
-    ("mlp 4x512", "mlp", {"width": 512, "depth": 4}, 256),
+    # wide inputs, narrow layers: the batch matters (a default mlp's peak is its parameters and Adam state)
+    ("mlp 4096-64-64", "mlp", {"width": 64, "depth": 2, "in_features": 4096}, 256),
 ]
 START = 128
 
@@ -115,9 +116,12 @@ def accelerate_finder(trials: Trials) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=50, help="further steps with varied inputs per method")
+    parser.add_argument("--only", default="", help="run only the workloads whose label contains this text")
     options = parser.parse_args()
     rows, json_rows = [], []
     for label, spec, args, sizing_batch in WORKLOADS:
+        if options.only not in label:
+            continue
         workload = memwise.load_workload(spec, args)
         largest = workload.make_largest_batch if workload.make_largest_batch else workload.make_batch
         sized = memwise.Workload(workload.model, largest, name=workload.name)
@@ -152,7 +156,7 @@ def main() -> None:
          "wall s", f"OOMs in {options.steps} varied steps"],
         rows,
     )
-    write_rows("bench_batch_finder", json_rows, {"steps": options.steps, "start": START})
+    write_rows("bench_batch_finder", json_rows, {"steps": options.steps, "start": START, "only": options.only})
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from memwise.plan import Planner  # noqa: E402
 from memwise.plan.planner import recipe_text  # noqa: E402
 
 WORKLOADS = {
-    "gpt small (seq 128)": ("gpt", {"preset": "small", "seq_len": 128}),
-    "hf:bert (4 layers, seq 128)": ("hf:bert", {"num_hidden_layers": 4, "seq_len": 128}),
+    "gpt small (seq 64)": ("gpt", {"preset": "small", "seq_len": 64}),
+    "hf:bert (4 layers, width 256, seq 64)": ("hf:bert", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                                                           "intermediate_size": 1024, "seq_len": 64}),
 }
 BATCH = 8
 
@@ -64,12 +65,15 @@ def grid_recipes(allow: dict) -> list[Recipe]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="run only the workloads whose label contains this text")
     parser.add_argument("--steps", type=int, default=3, help="real steps per grid recipe (median step time over all but the first)")
     options = parser.parse_args()
     torch.manual_seed(0)
     allow = grid(options.quick)
     rows, json_rows = [], []
     for label, (spec, args) in WORKLOADS.items():
+        if options.only not in label:
+            continue
         workload = memwise.load_workload(spec, args)
         started = time.perf_counter()
         measured = {}
@@ -108,6 +112,7 @@ def main() -> None:
                               "plan_estimates": plan.estimates, "plan_s": plan_s,
                               "exhaustive_steps": exhaustive_steps, "exhaustive_s": exhaustive_s})
         print(f"{label}: planner total {time.perf_counter() - planner_started:.0f} s", file=sys.stderr)
+        print(rows[-3:], file=sys.stderr, flush=True)  # kept if a later workload is interrupted
     print_table(
         "planner vs exhaustive measured grid (CPU, effective batch 8)",
         ["workload", "budget", "MiB", "best fitting (measured)", "best ms", "planner's choice", "its ms", "its/best ms",
@@ -115,7 +120,7 @@ def main() -> None:
         rows,
     )
     write_rows("bench_planner", json_rows, {"batch": BATCH, "allow": {k: list(map(str, v)) for k, v in allow.items()},
-                                            "steps": options.steps, "quick": options.quick})
+                                            "steps": options.steps, "quick": options.quick, "only": options.only})
 
 
 if __name__ == "__main__":
