@@ -34,12 +34,9 @@ def compress_command(spec, max_metric_drop, objective, methods, budget_s, out, f
       memwise compress minilm --max-metric-drop 0.01 --objective latency --out minilm-int8/
     """
     from memwise.compress import compress
-    from memwise.core.errors import BadInputError
+    from memwise.compress.search import check_arguments
 
-    if out.exists() and not force:
-        raise BadInputError(f"--out: {str(out)!r} already exists; pass --force to replace its model.pt and reports, or choose another directory")
-    if not 0 <= max_metric_drop <= 1:
-        raise BadInputError(f"--max-metric-drop: must be in [0, 1] (e.g. 0.01 for one accuracy point), got {max_metric_drop}")
+    check_arguments(max_metric_drop, out, force)  # before the workload loads
     workload = load_spec(spec, args)
     bar = StepProgress(f"compress {spec}")
     try:

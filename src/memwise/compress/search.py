@@ -372,8 +372,7 @@ def compress(
         Latency is CPU forward time on the workload's own batches of 1 and 32 samples, median of
         interleaved rounds with the original, with torch's current thread count.
     """
-    if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or not 0 <= max_metric_drop <= 1:
-        raise BadInputError(f"max_metric_drop: must be a number in [0, 1] (e.g. 0.01 for one accuracy point), got {max_metric_drop!r}")
+    check_arguments(max_metric_drop, out, force)
     try:
         objective = Objective(objective)
     except ValueError:
@@ -382,8 +381,6 @@ def compress(
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or budget_s <= 0):
         raise BadInputError(f"budget_s: must be a positive number of seconds, got {budget_s!r}")
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        _check_out_dir(out_dir, force)
     if isinstance(workload, str):
         from memwise.workloads import load_workload
 
@@ -434,7 +431,13 @@ def compress(
     return CompressionResult(**result_fields, path=path, reloaded_metric=reloaded_metric)
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
+def check_arguments(max_metric_drop: Any, out: str | os.PathLike[str] | None, force: bool) -> None:
+    """Rejects a metric drop outside [0, 1] and an existing `out` without `force` (before any work)."""
+    if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or not 0 <= max_metric_drop <= 1:
+        raise BadInputError(f"max_metric_drop: must be a number in [0, 1] (e.g. 0.01 for one accuracy point), got {max_metric_drop!r}")
+    if out is None:
+        return
+    out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"--out: {str(out_dir)!r} exists and is not a directory; choose another --out directory")
     if out_dir.exists() and not force:
