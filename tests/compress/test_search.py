@@ -27,7 +27,6 @@ def test_seed_example_simplecnn_pruned_quantized_saved_reloaded(digits_result):
     assert result.original.metric >= 0.97  # the trained model, not the random initialization
     assert 1 / result.size_ratio >= 8  # the target: at least 8x smaller on disk
     assert result.metric_drop <= 0.01
-    assert result.original.size_bytes == 1_691_597 or result.original.size_bytes > 1_600_000
     names = [item.name for item in result.methods]
     assert "prune_structured" in names and any(name.endswith("int8") for name in names)
     reloaded = load_compressed(out)
