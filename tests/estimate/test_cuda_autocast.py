@@ -253,3 +253,30 @@ def test_rnn_runs_in_lower_precision_like_cudnn() -> None:
 def test_unsupported_dtype_raises() -> None:
     with pytest.raises(ValueError, match="dtype"), cuda_autocast(torch.float32):
         pass
+
+
+def test_estimator_caches_weight_casts_as_cuda_autocast_does() -> None:
+    """`cached_cast` (autocast_mode.cpp): an fp32 leaf parameter that requires grad is cast once per
+    autocast region, however often it is used; the estimator's GPU path plays that rule."""
+    import memwise
+    from memwise.core.recipe import Mode
+    from memwise.estimate.fake_run import fake_step_log
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 64, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(self.lin(x)).float().sum()
+
+    workload = memwise.Workload(Twice(), lambda b: torch.randn(b, 64), name="twice")
+    recipe = memwise.Recipe(batch_size=3, precision="bf16", optimizer="sgd")
+    log = fake_step_log(workload, recipe, Mode.TRAIN, steps=1, round_size=lambda n: n, probe=None, cuda_autocast=True)
+    phase, casts = "idle", 0
+    for event in log.events:
+        if event[0] == "phase":
+            phase = event[1]
+        elif event[0] == "alloc" and phase == "forward" and event[2] == 64 * 64 * 2:  # a bf16 copy of the weight
+            casts += 1
+    assert casts == 1

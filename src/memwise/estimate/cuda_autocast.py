@@ -227,6 +227,22 @@ def cuda_autocast(dtype: torch.dtype, *, cache_enabled: bool = True) -> Iterator
                 state.cast_cache = None
 
 
+def open_weight_cast_cache() -> None:
+    """Starts caching parameter casts in this thread, as CUDA autocast's `cached_cast` does while an
+    autocast region is open; for callers that enter `torch.autocast("cpu")` themselves under
+    `cuda_autocast_rules()` (the estimator's step runner). No-op inside `cuda_autocast`."""
+    state = _THREAD_STATE
+    if state.depth == 0:
+        state.cast_cache = {}
+
+
+def close_weight_cast_cache() -> None:
+    """Drops the cached casts (the outermost autocast region has exited)."""
+    state = _THREAD_STATE
+    if state.depth == 0:
+        state.cast_cache = None
+
+
 @contextlib.contextmanager
 def cuda_autocast_rules() -> Iterator[None]:
     """While open, `torch.autocast("cpu")` regions follow CUDA autocast's op lists.

@@ -27,7 +27,7 @@ from memwise.core.errors import SymbolicExecutionError
 from memwise.core.recipe import Mode, OffloadMode, Recipe
 from memwise.core.step import StepRunner
 from memwise.core.workload import Workload
-from memwise.estimate.cuda_autocast import cuda_autocast_rules
+from memwise.estimate.cuda_autocast import close_weight_cast_cache, cuda_autocast_rules, open_weight_cast_cache
 from memwise.estimate.block_stack import BlockTagger, TaggedLog
 from memwise.estimate.known_values import KnownValues, real_branches
 from memwise.estimate.op_probe import NO_PROBE, OpProbe
@@ -288,6 +288,12 @@ def fake_step_log(
 
     def on_phase(phase: str) -> None:
         recorder.settle_accumulation()
+        if cuda_autocast:
+            # CUDA autocast caches each parameter's cast for its region, which the runner opens
+            # around forward and loss: from the "forward" phase to the next phase.
+            close_weight_cast_cache()
+            if phase == "forward":
+                open_weight_cast_cache()
         recorder.phase = phase
         observer.on_phase(phase)
 
@@ -316,6 +322,8 @@ def fake_step_log(
             observer.optimizer = None
     finally:
         hooks.remove()
+        if cuda_autocast:
+            close_weight_cast_cache()
         if blocks is not None:
             blocks.detach()
     return log
