@@ -59,16 +59,12 @@ def test_training_equals_a_single_process_with_the_same_global_batch(run, single
 
 
 def test_per_rank_estimate_is_within_half_a_percent(run):
-    """The estimate's `peak_bytes` is the largest rank's; every rank runs the same shapes.
-
-    The largest measured rank is the reference: under gloo, a buffer whose last reference a gloo
-    thread drops can make one rank read one FSDP2 block low now and then (docs/distributed.md).
-    """
+    """Made in one process without ranks; every rank runs the same shapes, so one estimate fits all."""
     estimated = estimate_per_rank(load_workload(SPEC, ARGS), memwise.Recipe(batch_size=GLOBAL_BATCH), 2, run.strategy)
-    largest = max(run.ranks, key=lambda rank: rank.peak_bytes)
-    assert abs(estimated.peak_bytes / largest.peak_bytes - 1) <= 0.005, (estimated.peak_bytes, run.per_rank_peak_bytes)
-    for category in ("param", "optimizer_state", "grad", "activation"):  # the categories agree too
-        assert abs(estimated.by_category[category] - largest.by_category[category]) <= 0.005 * largest.peak_bytes, category
+    for rank in run.ranks:
+        assert abs(estimated.peak_bytes / rank.peak_bytes - 1) <= 0.005, (estimated.peak_bytes, run.per_rank_peak_bytes)
+        for category in ("param", "optimizer_state", "grad", "activation"):  # the categories agree too
+            assert abs(estimated.by_category[category] - rank.by_category[category]) <= 0.005 * rank.peak_bytes, category
 
 
 def test_ddp_estimate_needs_the_bucket(runs):
