@@ -857,6 +857,8 @@ class Watch:
         return None
 
 
+# The one watch running: it patches process-wide functions (torch.autograd.backward, global
+# optimizer hooks), so a second one at the same time is refused rather than stacked.
 _ACTIVE: Watch | None = None
 
 
