@@ -170,6 +170,8 @@ class BlockTagger:
 
     def block_of_output(self, func: Any, args: tuple, key_of: Callable[[torch.Tensor], Any | None], position: int | None) -> int | None:
         """The block an op's output belongs to when no block is running: its inputs' block."""
+        if self.phase() not in _BETWEEN_PASSES or self.position_block() is not None:
+            return None  # the running block (or none) decides
         if position is not None and func.__name__.startswith("_foreach_"):
             for arg in args:
                 if isinstance(arg, (list, tuple)) and len(arg) > position and isinstance(arg[position], torch.Tensor):
