@@ -140,7 +140,8 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
     runner = state["runner"]
     runner.on_phase = lambda phase: None
     runner.on_batch = lambda batch: None
-    if measured % config.checkpoint_every == 0 or any(s % config.checkpoint_every == 0 for s in range(1, measured + 1)):
+    # Checkpoints due during the measured steps are written once they end (a save would show in the profile).
+    if any(done % config.checkpoint_every == 0 for done in range(1, measured + 1)) or measured == config.steps:
         _save(config, rank, state["wrapped"], runner.optimizer, measured, losses)
     for step in range(measured, config.steps):
         losses.append(runner.step(runner.make_batch()))
