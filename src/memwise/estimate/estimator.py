@@ -7,7 +7,7 @@ import psutil
 
 from memwise.core.devices import DeviceSpec, custom_device, get_device
 from memwise.core.errors import BadInputError
-from memwise.core.recipe import Mode, Precision, Recipe
+from memwise.core.recipe import Mode, OptimizerImpl, OptimizerStateDtype, Precision, Recipe
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
 from memwise.estimate.cuda_allocator import replay_caching_allocator, round_size
@@ -251,7 +251,10 @@ def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> lis
         notes.append("CUDA kernel workspaces (cuBLAS, cuDNN, attention) beyond their outputs are not modelled")
         if recipe.precision in (Precision.BF16, Precision.FP16):
             notes.append("autocast follows CUDA's op lists (PyTorch's autocast_mode.h), replayed on CPU fake tensors")
-        notes.append("built-in optimizers use the multi-tensor (foreach) implementation, PyTorch's default on CUDA")
+        if recipe.optimizer_impl is None:
+            notes.append("built-in optimizers use the multi-tensor (foreach) implementation, PyTorch's default on CUDA")
+    if recipe.optimizer_impl is not None:
+        notes.append(f"built-in optimizers use the {recipe.optimizer_impl.value} implementation (optimizer_impl)")
     return notes
 
 
@@ -284,4 +287,10 @@ def _what_if(
             rows.append(rerun(candidate.change, candidate.recipe))
         else:
             rows.append(row(candidate.change, candidate.analytic_peak_bytes, "analytic"))
+    fused_applies = (mode == Mode.TRAIN and context.builtin_optimizer and recipe.optimizer_state == OptimizerStateDtype.FP32
+                     and recipe.optimizer_impl != OptimizerImpl.FUSED and recipe.precision != Precision.BF16_WEIGHTS)
+    if fused_applies and not any("fused" in existing.change for existing in rows):
+        fused = rerun("fused optimizer (optimizer_impl fused)", recipe.replace(optimizer_impl=OptimizerImpl.FUSED))
+        if fused.peak_bytes < breakdown.peak_bytes:  # offered only where it saves memory
+            rows.append(fused)
     return tuple(rows)

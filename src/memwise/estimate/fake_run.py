@@ -290,7 +290,9 @@ def fake_step_log(
         recorder.settle_accumulation()
         if cuda_autocast:
             # CUDA autocast caches each parameter's cast for its region, which the runner opens
-            # around forward and loss: from the "forward" phase to the next phase.
+            # around forward and loss: from the "forward" phase to the next phase. The casts die
+            # between passes (so each free belongs to its parameter's block).
+            recorder.phase = "idle"
             close_weight_cast_cache()
             if phase == "forward":
                 open_weight_cast_cache()
