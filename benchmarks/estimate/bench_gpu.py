@@ -2,7 +2,9 @@
 
 Compares `peak_bytes` with `torch.cuda.max_memory_allocated` and `reserved_bytes` with
 `torch.cuda.max_memory_reserved` over the accuracy grid at larger batches (targets: 5% and 10%).
-Skips with a message when CUDA is absent.
+A case that runs out of memory is a row too: a correct prediction when the estimate said it does
+not fit, a failed prediction (`prediction_failed`) when the estimate said it fits. Skips with a
+message when CUDA is absent.
 
 Run (on a GPU machine): python benchmarks/estimate/bench_gpu.py [--device-name H100-80GB]
 """
@@ -53,19 +55,38 @@ def main() -> None:
     for (spec, args), batch_size, precision, checkpoint in itertools.product(WORKLOADS, (8, 32, 128), ("fp32", "bf16"), ("none", "full")):
         workload = memwise.load_workload(spec, args)
         recipe = memwise.Recipe(batch_size=batch_size, precision=precision, checkpoint=checkpoint, optimizer="adamw")
+        predicted = memwise.estimate(workload, recipe, device_name, what_if=False)
         try:
             allocated, reserved = measure_cuda(workload, recipe, Mode.TRAIN)
         except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            # the device's own answer: it does not fit; the estimate must have said so
+            rows.append({"workload": spec + "".join(f" {k}={v}" for k, v in args.items()), "batch_size": batch_size,
+                         "precision": precision, "checkpoint": checkpoint, "estimate_allocated": predicted.peak_bytes,
+                         "cuda_max_allocated": None, "allocated_error": None, "estimate_reserved": predicted.reserved_bytes,
+                         "cuda_max_reserved": None, "reserved_error": None, "outcome": "out of memory",
+                         "estimate_fits": predicted.fits, "prediction_failed": predicted.fits is not False})
             continue
-        predicted = memwise.estimate(workload, recipe, device_name, what_if=False)
-        rows.append({"workload": spec + "".join(f" {k}={v}" for k, v in args.items()), "batch_size": batch_size, "precision": precision,
+        rows.append({"outcome": "ran", "estimate_fits": predicted.fits, "prediction_failed": predicted.fits is False,
+                     "workload": spec + "".join(f" {k}={v}" for k, v in args.items()), "batch_size": batch_size, "precision": precision,
                      "checkpoint": checkpoint, "estimate_allocated": predicted.peak_bytes, "cuda_max_allocated": allocated,
                      "allocated_error": predicted.peak_bytes / allocated - 1, "estimate_reserved": predicted.reserved_bytes,
                      "cuda_max_reserved": reserved, "reserved_error": predicted.reserved_bytes / reserved - 1})
-    print_table(f"estimate vs torch.cuda on {torch.cuda.get_device_name(0)}", ["workload", "batch", "precision", "checkpoint", "est allocated", "max_memory_allocated", "error", "est reserved", "max_memory_reserved", "error"],
-                [[r["workload"], r["batch_size"], r["precision"], r["checkpoint"], f"{r['estimate_allocated']:,}", f"{r['cuda_max_allocated']:,}", f"{r['allocated_error']:+.3f}",
-                  f"{r['estimate_reserved']:,}", f"{r['cuda_max_reserved']:,}", f"{r['reserved_error']:+.3f}"] for r in rows])
+    print_table(f"estimate vs torch.cuda on {torch.cuda.get_device_name(0)}", ["workload", "batch", "precision", "checkpoint", "est allocated", "max_memory_allocated", "error", "est reserved", "max_memory_reserved", "error", "outcome"],
+                [[r["workload"], r["batch_size"], r["precision"], r["checkpoint"], f"{r['estimate_allocated']:,}", _figure(r["cuda_max_allocated"]),
+                  _error(r["allocated_error"]), f"{r['estimate_reserved']:,}", _figure(r["cuda_max_reserved"]), _error(r["reserved_error"])]
+                 + [("FAILED PREDICTION: " if r["prediction_failed"] else "") + r["outcome"]] for r in rows])
+    failed = sum(r["prediction_failed"] for r in rows)
+    print(f"\nfailed fit predictions: {failed} of {len(rows)}")
     write_rows("bench_gpu", rows, {"device_name": device_name, "optimizer": "adamw", "mode": "train"})
+
+
+def _figure(value: int | None) -> str:
+    return "OOM" if value is None else f"{value:,}"
+
+
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
 
 
 if __name__ == "__main__":
