@@ -46,7 +46,7 @@ def main() -> None:
         others = [h.kind for h in planted.result.hazards if h.kind != kind]
         outcome = verdict(planted)
         false_alarms = [h.kind for h in fixed.result.hazards] + others
-        size = f"{planted.planted_bytes:,}" if planted.planted_bytes else "(RSS)"
+        size = f"{planted.planted_bytes:,}" if planted.planted_bytes else "(USS)"
         reported = next((f"{h.bytes:,}" for h in planted.result.hazards if h.kind == kind), "-")
         table.append([kind, outcome, size, reported, ", ".join(false_alarms) or "none"])
         rows.append({"kind": kind, "outcome": outcome, "planted_bytes": planted.planted_bytes,
