@@ -134,3 +134,9 @@ def test_parameters_on_meta_keeps_parameter_attributes_and_buffers():
     assert not frozen.weight.requires_grad and frozen.weight.device.type == "meta"
     assert frozen.extra.custom_tag == "kept" and not frozen.extra.requires_grad
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch ends with the block
+
+
+def test_profile_refuses_a_model_without_weights():
+    workload = load_workload("mlp", {"width": 8, "depth": 1}, materialize=False)
+    with pytest.raises(memwise.core.errors.BadInputError, match="parameters are on the meta device.*use estimate"):
+        memwise.profile(workload, memwise.Recipe(batch_size=2))

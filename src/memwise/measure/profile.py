@@ -86,6 +86,11 @@ def profile(
     """
     if not isinstance(workload, Workload):
         raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
+    if any(param.is_meta for param in workload.model.parameters()):
+        raise BadInputError(
+            f"workload {workload.name!r}: its parameters are on the meta device (no weights); profile runs real steps: "
+            "build it with real weights (load_workload(..., materialize=True)) or use estimate"
+        )
     positive_int(steps, "steps")
     mode = _mode(mode)
     recipe = resolve_recipe(workload, recipe)
