@@ -800,9 +800,13 @@ class Watch:
                 by_shape.setdefault((tuple(param.shape), param.dtype, param.device), []).append((name, param))
         with torch.no_grad():
             for group in by_shape.values():
+                # 64 evenly spaced values first: full comparisons only for likely pairs (a 7B model
+                # has hundreds of same-shape weights).
+                prints = [_fingerprint(param) for _, param in group]
                 for index, (name, param) in enumerate(group):
-                    for other_name, other in group[:index]:
-                        if storage_key(other) == storage_key(param) or not _varies(param) or not torch.equal(param, other):
+                    for other_index, (other_name, other) in enumerate(group[:index]):
+                        if (prints[other_index] != prints[index] or storage_key(other) == storage_key(param)
+                                or not _varies(param) or not torch.equal(param, other)):
                             continue
                         nbytes = param.untyped_storage().nbytes()
                         hazards.append(make_hazard(
@@ -1061,6 +1065,11 @@ def _keys_held_by_dicts(tensors_by_key: dict[int, list[torch.Tensor]], records: 
         if len({records[key].step for key in keys}) >= 2:
             held.update(keys)
     return held
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple[float, ...]:
+    flat = tensor.detach().reshape(-1)
+    return tuple(flat[:: max(1, flat.numel() // 64)][:64].float().tolist())
 
 
 def _varies(tensor: torch.Tensor) -> bool:
