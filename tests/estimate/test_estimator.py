@@ -41,6 +41,8 @@ def test_estimate_matches_measurement(spec, args, batch_size, precision, checkpo
     assert abs(predicted.peak_bytes / measured.reference_peak_bytes - 1) <= 0.05
     assert predicted.low_bytes <= measured.peak_bytes <= predicted.high_bytes
     assert predicted.by_category["param"] == measured.by_category["param"]
+    # the batch lives through the step in both, as in a user's loop
+    assert predicted.by_category["input"] == measured.by_category["input"]
 
 
 def test_estimate_of_transformer_encoder_fast_path():
@@ -83,6 +85,9 @@ def test_lstm_training_probes_the_fused_kernel():
     census = fake_step_log(workload, recipe, Mode.TRAIN, steps=2, round_size=lambda n: n, probe=None).summarize()
     assert abs(census.peak_bytes / measured.peak_bytes - 1) > 0.3
     assert abs(predicted.peak_bytes / measured.peak_bytes - 1) <= 0.10
+    # the backward kernel's workspace is not modelled: the range says so and still holds
+    assert any("mkldnn_rnn_layer_backward" in note for note in predicted.assumptions)
+    assert predicted.low_bytes <= measured.peak_bytes <= predicted.high_bytes
 
 
 @settings(max_examples=6, deadline=None)
@@ -117,19 +122,36 @@ def test_large_model_allocates_no_weights():
     assert grown < 1 * 2**30
 
 
+def _blocks_512(tensors):
+    """Bytes the CUDA caching allocator hands out for these storages: each rounded up to 512."""
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(-(-nbytes // 512) * 512 for nbytes in storages.values())
+
+
 def test_cuda_target_reports_reserved_context_and_fit():
+    from memwise.core.devices import get_device
+
     workload = memwise.load_workload("gpt", {"preset": "tiny"})
     result = memwise.estimate(workload, memwise.Recipe(batch_size=8), "T4", budget_bytes=2**40)
+    # independent numbers: the parameters' storages in 512-byte blocks, the batch make_batch
+    # returns, the device catalog's context
+    assert result.by_category["param"] == _blocks_512(workload.model.parameters())
+    batch = workload.make_batch(8)
+    assert result.next_batch_bytes == _blocks_512(batch if isinstance(batch, (tuple, list)) else [batch])
+    assert result.context_bytes == get_device("T4").context_bytes
+    assert result.total_bytes == result.reserved_bytes + get_device("T4").context_bytes
+    assert result.reserved_bytes % (2 * 2**20) == 0  # segments are 2 MiB (small pool) or 2 MiB multiples
     assert result.reserved_bytes >= result.peak_bytes
-    assert result.context_bytes > 0
-    assert result.total_bytes == result.reserved_bytes + result.context_bytes
     assert result.fits is True
-    assert result.peak_bytes % 512 == 0 or result.peak_bytes > 0
+    at_limit = memwise.estimate(workload, memwise.Recipe(batch_size=8), "T4", budget_bytes=result.total_bytes, what_if=False)
+    below = memwise.estimate(workload, memwise.Recipe(batch_size=8), "T4", budget_bytes=result.total_bytes - 1, what_if=False)
+    assert (at_limit.fits, below.fits) == (True, False)
     changes = [row.change for row in result.what_if]
     assert any("batch size halved" in change for change in changes)
     assert any("checkpointing" in change for change in changes)
     halved = next(row for row in result.what_if if "batch size halved" in row.change)
-    assert halved.peak_bytes <= result.peak_bytes
+    direct = memwise.estimate(workload, memwise.Recipe(batch_size=4), "T4", what_if=False)
+    assert halved.peak_bytes == direct.peak_bytes
 
 
 def test_not_fitting_is_a_result_not_an_error():
@@ -166,3 +188,25 @@ def test_estimate_json_round_trip():
     workload = memwise.load_workload("mlp")
     result = memwise.estimate(workload, memwise.Recipe(batch_size=4), "L4")
     assert memwise.Estimate.from_dict(result.to_dict()) == result
+
+
+@pytest.mark.parametrize("hidden,layers,bidirectional", [(48, 2, True), (96, 1, False)])
+def test_lstm_range_holds_on_unseen_lstms(hidden, layers, bidirectional):
+    """The LSTM backward workspace is not modelled; the stated range must still hold the truth."""
+    torch.manual_seed(0)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(24, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+            self.head = torch.nn.Linear(hidden * (2 if bidirectional else 1), 7)
+
+        def forward(self, x, y):
+            out, _ = self.lstm(x)
+            return torch.nn.functional.cross_entropy(self.head(out).flatten(0, 1), y.flatten())
+
+    workload = memwise.Workload(Tagger(), lambda b: (torch.randn(b, 30, 24), torch.randint(0, 7, (b, 30))), name="lstm")
+    recipe = memwise.Recipe(batch_size=12, optimizer="sgd")
+    measured = memwise.profile(workload, recipe, steps=2)
+    predicted = memwise.estimate(workload, recipe, "cpu")
+    assert predicted.low_bytes <= measured.peak_bytes <= predicted.high_bytes

@@ -154,6 +154,9 @@ def estimate(
     breakdown, reserved = run.breakdown, run.reserved_bytes
     assumptions = _assumptions(spec, probe, recipe) + list(run.notes) + list(workload.extras.get("assumptions", ()))  # e.g. how the model was built
     low_band, high_band = _CPU_BAND if spec.kind == "cpu" else _CUDA_BAND
+    # an op whose scratch is not modelled may hold up to about its operands' bytes more while it
+    # runs; one op runs at a time, so the range widens by the largest such op
+    unmodelled_bytes = max(probe.unmodelled_bytes.values(), default=0) if probe is not None else 0
     context = spec.context_bytes if spec.kind == "cuda" else None
     total = (reserved + context) if spec.kind == "cuda" else breakdown.peak_bytes
     capacity = spec.memory_bytes if (spec.kind == "cuda" or device_memory_bytes is not None) else None
@@ -169,7 +172,7 @@ def estimate(
         device=spec.name,
         **breakdown.breakdown_fields(),
         low_bytes=int(breakdown.peak_bytes * (1 - low_band)),
-        high_bytes=int(breakdown.peak_bytes * (1 + high_band)),
+        high_bytes=int(breakdown.peak_bytes * (1 + high_band)) + unmodelled_bytes,
         reserved_bytes=reserved if spec.kind == "cuda" else None,
         context_bytes=context,
         total_bytes=total,
@@ -243,9 +246,10 @@ def _assumptions(spec: DeviceSpec, probe: OpProbe | None, recipe: Recipe) -> lis
     ]
     if spec.kind == "cpu":
         notes.append(f"CPU kernel scratch learned from {probe.probed} real single-op probes")
-        if probe.unprobed_ops:
-            names = ", ".join(sorted(probe.unprobed_ops)[:5])
-            notes.append(f"ops too large to probe were assumed to need no scratch: {names}")
+        if probe.unmodelled_bytes:
+            names = ", ".join(sorted(probe.unmodelled_bytes)[:5])
+            notes.append(f"scratch of ops too large to probe or reading a kernel's private workspace is not modelled ({names}); "
+                         f"high_bytes is widened by the largest one's operand bytes, {max(probe.unmodelled_bytes.values())}")
     else:
         notes.append(f"CUDA caching allocator modelled (512-byte rounding, 2 MiB small / 20 MiB large segments); context {spec.context_bytes} bytes")
         notes.append("CUDA kernel workspaces (cuBLAS, cuDNN, attention) beyond their outputs are not modelled")

@@ -54,9 +54,15 @@ class OpProbe:
         self.cache: dict[Any, int] = {}
         self.probed = 0
         self.unprobed_ops: dict[str, int] = {}
+        # op -> the most bytes of inputs and outputs one call of it had, for ops whose scratch
+        # is not modelled (too large to probe, or reading a kernel's private workspace)
+        self.unmodelled_bytes: dict[str, int] = {}
 
     def measure(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, output_bytes: int) -> ProbeResult:
         """What `func(*args, **kwargs)` really allocates on CPU (`NO_PROBE` when not probed)."""
+        if _reads_private_workspace(func):
+            self._unmodelled(func, args, kwargs, output_bytes)
+            return NO_PROBE
         if _is_trivial(func):
             return NO_PROBE
         signature = _signature(func, args, kwargs)
@@ -64,6 +70,7 @@ class OpProbe:
             return self.cache[signature]
         input_bytes = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         if input_bytes + output_bytes > self.max_probe_bytes:
+            self._unmodelled(func, args, kwargs, output_bytes)
             self.unprobed_ops[str(func)] = self.unprobed_ops.get(str(func), 0) + 1
             self.cache[signature] = NO_PROBE
             return NO_PROBE
@@ -74,6 +81,17 @@ class OpProbe:
         self.cache[signature] = result
         self.probed += 1
         return result
+
+
+    def _unmodelled(self, func: Any, args: tuple, kwargs: dict, output_bytes: int) -> None:
+        operand_bytes = output_bytes + sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        self.unmodelled_bytes[str(func)] = max(self.unmodelled_bytes.get(str(func), 0), operand_bytes)
+
+
+def _reads_private_workspace(func: torch._ops.OpOverload) -> bool:
+    if getattr(func, "namespace", None) != "aten":
+        return False
+    return any(any(word in arg.name for word in _OPAQUE_ARGUMENTS) for arg in func._schema.arguments)
 
 
 def _is_trivial(func: torch._ops.OpOverload) -> bool:
