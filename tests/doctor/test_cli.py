@@ -95,6 +95,8 @@ def test_clean_workload_exits_0_and_help_documents_exit_codes():
     completed = _run("mlp", "--steps", "4", "--format", "json")
     assert completed.exit_code == 0, completed.output
     assert json.loads(completed.stdout)["hazards"] == []
+    inference = _run("mlp", "--mode", "infer", "--steps", "3", "--format", "json")
+    assert inference.exit_code == 0 and json.loads(inference.stdout)["steps"] == 3
     help_text = _run("--help").output
     assert "4 hazards found" in help_text and "Example:" in help_text
 
