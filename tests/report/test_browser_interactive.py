@@ -158,3 +158,13 @@ def test_what_if_bars_against_the_budget(hostile_estimate, tmp_path):
         assert page.evaluate("document.querySelectorAll('#what-if-svg script').length") == 0
     finally:
         page.close()
+
+
+def test_report_files_carry_the_overlay(watched, estimate_result, tmp_path):
+    from memwise.report.output import write_report
+
+    page = write_report(watched.result, tmp_path / "out", stem="watch", compare=estimate_result)["html"].read_text()
+    assert 'id="timeline-overlay"' in page and 'id="overlay-toggle"' in page
+    assert "<script" not in page.lower()
+    plain = write_report(watched.result, tmp_path / "plain", stem="watch")["html"].read_text()
+    assert 'id="timeline-overlay"' not in plain and 'id="timeline-svg"' in plain

@@ -20,7 +20,7 @@ PLOT_NAME = "timeline.png"
 HTML_NAME = "report.html"
 
 
-def write_report(result: Any, out_dir: str | os.PathLike[str], *, stem: str = "profile") -> dict[str, Path]:
+def write_report(result: Any, out_dir: str | os.PathLike[str], *, stem: str = "profile", compare: Any = None) -> dict[str, Path]:
     """Writes `<stem>.json` (`result.to_dict()`), `timeline.png` and `report.html` into `out_dir`.
 
     `out_dir` is created when missing. Each file is written atomically (temporary file in the same
@@ -33,6 +33,8 @@ def write_report(result: Any, out_dir: str | os.PathLike[str], *, stem: str = "p
         result: a `Profile` (or any result with `to_dict()` and the fields the report reads).
         out_dir: the directory to write into.
         stem: the JSON file's name without `.json`; a plain file name.
+        compare: another result (e.g. the estimate of the same run) to overlay on the HTML
+            page's interactive timeline.
 
     Returns:
         The written paths by kind: `{"json": ..., "png": ..., "html": ...}`.
@@ -56,7 +58,7 @@ def write_report(result: Any, out_dir: str | os.PathLike[str], *, stem: str = "p
     contents = {
         "json": (json.dumps(result.to_dict(), indent=2) + "\n").encode("utf-8"),
         "png": png,
-        "html": render_html(result, png).encode("utf-8"),
+        "html": render_html(result, png, compare=compare).encode("utf-8"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, path in targets.items():
