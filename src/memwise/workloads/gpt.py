@@ -216,6 +216,7 @@ def gpt(
         A Workload named `gpt-<preset>` whose `make_batch(batch_size)` returns `(idx, targets)`:
         int64 (batch, seq_len) random token ids and the same sequences shifted by one token, drawn
         afresh on every call from one seeded generator; its model returns the loss.
+        `extras["dataset"]` is a `TokenSequenceDataset` of 1024 such sequences (longest length).
     """
     if not isinstance(preset, str) or preset not in PRESETS:
         raise BadInputError(f"gpt preset: unknown preset {preset!r}; valid presets are {', '.join(PRESETS)}")
@@ -256,8 +257,37 @@ def gpt(
         name += "(" + ",".join(f"{key}={value}" for key, value in given.items()) + ")"
     if max_seq_len != seq_len:
         name += f"[seq_len={seq_len}-{max_seq_len}]"
-    return Workload(model, make_batch, name=name, default_batch_size=8, extras={"config": config, "seq_len": max_seq_len},
+    dataset = TokenSequenceDataset(config.vocab_size, max_seq_len, DATASET_SEQUENCES, seed)
+    return Workload(model, make_batch, name=name, default_batch_size=8,
+                    extras={"config": config, "seq_len": max_seq_len, "dataset": dataset},
                     make_largest_batch=make_largest_batch)
+
+
+DATASET_SEQUENCES = 1024
+
+
+class TokenSequenceDataset(torch.utils.data.Dataset):
+    """A fixed set of random token sequences (drawn once from `seed`), for `memwise tune-loader gpt`.
+
+    Item `i` is `(idx, targets)`: int64 (seq_len,) token ids and the same sequence shifted by one
+    token, as one row of the workload's `make_batch`. Its own generator: drawing it does not change
+    the workload's batches. Drawn on first read, on the CPU, so building the workload on the meta
+    device (or under a fake mode) allocates nothing for it.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, count: int, seed: int) -> None:
+        self.vocab_size, self.seq_len, self.count, self.seed = vocab_size, seq_len, count, seed
+        self._tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tokens is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._tokens = torch.randint(self.vocab_size, (self.count, self.seq_len + 1), generator=generator, device="cpu")
+        sequence = self._tokens[index]
+        return sequence[:-1], sequence[1:]
 
 
 def _seq_len_range(seq_len: int | str | None) -> tuple[int | None, int | None]:
