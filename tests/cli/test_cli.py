@@ -164,3 +164,18 @@ def test_report_renders_a_saved_result_again(tmp_path: Path):
     bad.write_text(json.dumps({"hello": 1}))
     result = CliRunner().invoke(main, ["report", str(bad)])
     assert result.exit_code == 2 and "not a memwise profile" in result.output
+
+
+def test_report_overlays_an_estimate_on_a_profile(tmp_path: Path):
+    spec = ("mlp", "--arg", "width=16", "--arg", "depth=1", "--batch-size", "2")
+    assert run("estimate", *spec, "--out", str(tmp_path / "est")).exit_code == 0
+    assert run("profile", *spec, "--out", str(tmp_path / "prof")).exit_code == 0
+    both = run("report", str(tmp_path / "prof" / "profile.json"), "--compare", str(tmp_path / "est" / "estimate.json"),
+               "--out", str(tmp_path / "both"))
+    assert both.exit_code == 0, both.output
+    html = (tmp_path / "both" / "report.html").read_text()
+    assert 'id="overlay-toggle"' in html and "overlay estimated on measured" in html
+    alone = run("report", str(tmp_path / "prof" / "profile.json"), "--out", str(tmp_path / "alone"))
+    assert alone.exit_code == 0 and 'id="overlay-toggle"' not in (tmp_path / "alone" / "report.html").read_text()
+    no_out = CliRunner().invoke(main, ["report", str(tmp_path / "prof" / "profile.json"), "--compare", str(tmp_path / "est" / "estimate.json")])
+    assert no_out.exit_code == 2 and "--out" in no_out.output

@@ -258,12 +258,15 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
 
-def show_result(result: Any, output_format: str, out: Any, *, stem: str) -> None:
-    """Writes the report files to `out` (when given), then prints `result` as table, markdown or JSON."""
+def show_result(result: Any, output_format: str, out: Any, *, stem: str, compare: Any = None) -> None:
+    """Writes the report files to `out` (when given), then prints `result` as table, markdown or JSON.
+
+    `compare` is a second result overlaid on the HTML timeline (e.g. the estimate of a measured run).
+    """
     from memwise.report.output import write_report
     from memwise.report.tables import render_markdown, render_terminal
 
-    written = write_report(result, Path(out), stem=stem) if out is not None else {}
+    written = write_report(result, Path(out), stem=stem, compare=compare) if out is not None else {}
     if output_format == "json":
         emit_json(result.to_dict())
     elif output_format == "markdown":
