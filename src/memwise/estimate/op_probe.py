@@ -60,6 +60,20 @@ class OpProbe:
 
     def measure(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, output_bytes: int) -> ProbeResult:
         """What `func(*args, **kwargs)` really allocates on CPU (`NO_PROBE` when not probed)."""
+        if func is _LSTM_BACKWARD:
+            signature = _signature(func, args, kwargs)
+            if signature not in self.cache:
+                input_bytes = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+                try:
+                    if input_bytes + output_bytes > self.max_probe_bytes:
+                        raise ValueError("too large to probe")
+                    with _disable_current_modes():
+                        self.cache[signature] = _probe_lstm_backward(args)
+                    self.probed += 1
+                except Exception:  # noqa: BLE001  (left unmodelled, and the range says so)
+                    self.cache[signature] = None
+            if self.cache[signature] is not None:
+                return self.cache[signature]
         if _reads_private_workspace(func):
             self._unmodelled(func, args, kwargs, output_bytes)
             return NO_PROBE
@@ -86,6 +100,25 @@ class OpProbe:
     def _unmodelled(self, func: Any, args: tuple, kwargs: dict, output_bytes: int) -> None:
         operand_bytes = output_bytes + sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         self.unmodelled_bytes[str(func)] = max(self.unmodelled_bytes.get(str(func), 0), operand_bytes)
+
+
+_LSTM_BACKWARD = torch.ops.aten.mkldnn_rnn_layer_backward.default
+
+
+def _probe_lstm_backward(args: tuple) -> ProbeResult:
+    """The oneDNN LSTM backward's scratch, probed as a pair: a real forward of the same shapes makes
+    the workspace the backward reads (its bytes cannot be invented), then the backward runs under
+    the allocator's profiler."""
+    real = [_real_like(value).detach() if isinstance(value, torch.Tensor) else value for value in args]
+    (input_, w1, w2, w3, w4, hx, cx, _output, _hy, _cy, grad_output, grad_hy, grad_cy,
+     reverse, mode, hidden_size, num_layers, has_biases, train, bidirectional, batch_sizes, batch_first, _workspace) = real
+    with torch.enable_grad():  # oneDNN keeps the workspace only when autograd may need it
+        output, hy, cy, workspace = torch.ops.aten.mkldnn_rnn_layer.default(
+            input_, w1, w2, w3, w4, hx, cx, reverse, batch_sizes, mode, hidden_size, num_layers, has_biases, bidirectional,
+            batch_first, train)
+    backward_args = (input_, w1, w2, w3, w4, hx, cx, output, hy, cy, grad_output, grad_hy, grad_cy, reverse, mode,
+                     hidden_size, num_layers, has_biases, train, bidirectional, batch_sizes, batch_first, workspace)
+    return _measure_real(_LSTM_BACKWARD, backward_args, {})
 
 
 def _reads_private_workspace(func: torch._ops.OpOverload) -> bool:
@@ -146,6 +179,10 @@ def _probe(func: Any, args: tuple, kwargs: dict) -> ProbeResult:
 
 def _probe_real(func: Any, args: tuple, kwargs: dict) -> ProbeResult:
     real_args, real_kwargs = tree_map(_real_like, (args, kwargs))
+    return _measure_real(func, real_args, real_kwargs)
+
+
+def _measure_real(func: Any, real_args: tuple, real_kwargs: dict) -> ProbeResult:
     with profiling_memory(_CPU) as prof:  # grad mode as the caller had it: some kernels check it
         output = func(*real_args, **real_kwargs)
     running = peak = 0
