@@ -112,4 +112,17 @@ class CompressionResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionResult":
-        return from_dict(cls, data)
+        result = from_dict(cls, data)
+        # core.serialize builds nested dataclasses but leaves the items of a list as dicts.
+        trials = [_item(Trial, trial) for trial in result.trials]
+        trials = [dataclasses.replace(trial, methods=[_item(AppliedMethod, item) for item in trial.methods]) for trial in trials]
+        return dataclasses.replace(
+            result,
+            methods=[_item(AppliedMethod, item) for item in result.methods],
+            trials=trials,
+            skipped=[_item(SkippedMethod, item) for item in result.skipped],
+        )
+
+
+def _item(cls: type, value: Any) -> Any:
+    return value if isinstance(value, cls) else from_dict(cls, value, where=cls.__name__)

@@ -393,7 +393,7 @@ def compress(
     if skipped_methods:
         search.skip("distill", "distillation is a recovery step: add prune or sparse to --methods")
     if Method.QUANTIZE in method_set:
-        search.quantize_variants(search.original, [], "")
+        search.quantize_variants(search.original, [], "", first_always=True)
     if Method.PRUNE in method_set:
         if search.time_left():
             search.structured()
