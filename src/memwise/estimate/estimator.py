@@ -23,6 +23,7 @@ from memwise.strategies.allocator import parse_allocator_settings
 # and ops too large to probe. For CUDA targets the kernels differ from the CPU ones replayed here.
 _CPU_BAND = (0.03, 0.03)
 _CUDA_BAND = (0.05, 0.10)
+MAX_PROBE_BYTES = 64 * 2**20  # ops with more operand bytes are probed at a smaller batch, or not at all
 _STEPS = 2  # the second step is the steady state: optimizer state exists through forward and backward
 
 
@@ -149,7 +150,7 @@ def estimate(
     mode = Mode(mode) if not isinstance(mode, Mode) else mode
     recipe = resolve_recipe(workload, recipe)
     spec = resolve_device(device, device_memory_bytes)
-    probe = OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None
+    probe = OpProbe(max_probe_bytes=MAX_PROBE_BYTES) if spec.kind == "cpu" else None
     run = _run(workload, recipe, mode, spec, probe)
     breakdown, reserved = run.breakdown, run.reserved_bytes
     assumptions = _assumptions(spec, probe, recipe) + list(run.notes) + list(workload.extras.get("assumptions", ()))  # e.g. how the model was built
@@ -276,7 +277,7 @@ def _what_if(
         return WhatIf(change=change, peak_bytes=int(peak), fits=None if budget is None else peak + overhead <= budget, method=method)
 
     def rerun(change: str, new_recipe: Recipe) -> WhatIf:
-        other = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=64 * 2**20) if spec.kind == "cpu" else None)
+        other = _run(workload, new_recipe, mode, spec, OpProbe(max_probe_bytes=MAX_PROBE_BYTES) if spec.kind == "cpu" else None)
         return row(change, other.breakdown.peak_bytes, "estimated")
 
     # The remedies and their wording live in plan/remedies.py, the one place that knows them; it

@@ -84,6 +84,10 @@ class OpProbe:
             return self.cache[signature]
         input_bytes = sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         if input_bytes + output_bytes > self.max_probe_bytes:
+            scaled = self._probe_scaled(func, args, kwargs, input_bytes + output_bytes)
+            if scaled is not None:
+                self.cache[signature] = scaled
+                return scaled
             self._unmodelled(func, args, kwargs, output_bytes)
             self.unprobed_ops[str(func)] = self.unprobed_ops.get(str(func), 0) + 1
             self.cache[signature] = NO_PROBE
@@ -97,12 +101,60 @@ class OpProbe:
         return result
 
 
+    def _probe_scaled(self, func: Any, args: tuple, kwargs: dict, operand_bytes: int) -> ProbeResult | None:
+        """Scratch of a large convolution, batch-norm or pooling op, probed at batch k and 2k (as
+        large as the limit allows) and extended to the real batch as a + b * batch (im2col and
+        per-sample buffers grow with the batch, per-thread ones do not); None when the op is not
+        one of those."""
+        carriers = _BATCH_CARRIERS.get(str(func))
+        if carriers is None:
+            return None
+        batch = args[carriers[0]].shape[0] if isinstance(args[carriers[0]], torch.Tensor) and args[carriers[0]].dim() else 0
+        # the largest k with a probe at 2k samples under the limit: kernels pick their algorithm by
+        # shape, so the probes stay as close to the real batch as the limit allows
+        k = min(batch // 2, int(self.max_probe_bytes * batch / (2 * operand_bytes)))
+        if batch < 3 or k < 1:
+            return None
+        scratch, sizes = [], []
+        for small in (k, 2 * k):
+            shrunk = list(args)
+            for position in carriers:
+                if isinstance(shrunk[position], torch.Tensor) and shrunk[position].dim() and shrunk[position].shape[0] == batch:
+                    shrunk[position] = shrunk[position][:small]
+            try:
+                result = _probe(func, tuple(shrunk), kwargs)
+            except Exception:  # noqa: BLE001  (left unmodelled, and the range says so)
+                return None
+            scratch.append(result.scratch_bytes)
+            sizes.append(result.output_storage_bytes)
+        self.probed += 2
+        per_k = max(scratch[1] - scratch[0], 0)
+        # the real kernel's output sizes (a oneDNN workspace can differ from its fake twin), extended alike
+        outputs = tuple(one + (two - one) * (batch - k) // k for one, two in zip(*sizes)) if len(sizes[0]) == len(sizes[1]) else ()
+        return ProbeResult(scratch_bytes=max(scratch[0] + per_k * (batch - k) // k, 0), output_storage_bytes=outputs)
+
     def _unmodelled(self, func: Any, args: tuple, kwargs: dict, output_bytes: int) -> None:
         operand_bytes = output_bytes + sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         self.unmodelled_bytes[str(func)] = max(self.unmodelled_bytes.get(str(func), 0), operand_bytes)
 
 
 _LSTM_BACKWARD = torch.ops.aten.mkldnn_rnn_layer_backward.default
+# Ops whose scratch is probed at a smaller batch when too large to probe whole: op -> positions of
+# the arguments that carry the batch in dim 0 (the first one's batch is the op's).
+_BATCH_CARRIERS = {
+    "aten.convolution.default": (0,),
+    "aten.convolution_backward.default": (0, 1),
+    "aten.native_batch_norm.default": (0,),
+    "aten._native_batch_norm_legit.default": (0,),
+    "aten._native_batch_norm_legit_no_training.default": (0,),
+    "aten.native_batch_norm_backward.default": (0, 1),
+    "aten.max_pool2d_with_indices.default": (0,),
+    "aten.max_pool2d_with_indices_backward.default": (0, 1, 7),
+    "aten.avg_pool2d.default": (0,),
+    "aten.avg_pool2d_backward.default": (0, 1),
+    "aten._adaptive_avg_pool2d.default": (0,),
+    "aten._adaptive_avg_pool2d_backward.default": (0, 1),
+}
 
 
 def _probe_lstm_backward(args: tuple) -> ProbeResult:
