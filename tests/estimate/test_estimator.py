@@ -102,7 +102,7 @@ def test_estimate_is_monotone_in_batch_size(small, extra):
 def test_estimate_is_monotone_in_sequence_length(short, extra):
     def peak(seq_len):
         workload = memwise.load_workload("gpt", {"preset": "tiny", "seq_len": seq_len})
-        return memwise.estimate(workload, memwise.Recipe(batch_size=4), "H100-80GB").peak_bytes
+        return memwise.estimate(workload, memwise.Recipe(batch_size=4), "H100-80GB", what_if=False).peak_bytes
 
     assert peak(short + extra) >= peak(short)
 
@@ -112,7 +112,7 @@ def test_large_model_allocates_no_weights():
     process = psutil.Process()
     before = process.memory_info().rss
     workload = memwise.load_workload("gpt", {"n_layer": 24, "n_head": 16, "n_embd": 2048, "block_size": 256, "vocab_size": 32000, "device": "meta"})
-    result = memwise.estimate(workload, memwise.Recipe(batch_size=1, precision="bf16"), "A100-80GB")
+    result = memwise.estimate(workload, memwise.Recipe(batch_size=1, precision="bf16"), "A100-80GB", what_if=False)
     grown = process.memory_info().rss - before
     param_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
     assert param_bytes > 4.5 * 2**30
