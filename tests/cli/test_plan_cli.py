@@ -90,3 +90,21 @@ def test_find_batch_size_json_and_exit_3():
     assert data["trials"] <= 2 and data["sized_for"]["shapes"][0][1] == 64 and data["measured_peak_bytes"] <= 5 * 2**20
     tiny = run("find-batch-size", "gpt", "--budget", "100KiB", "--format", "json")
     assert tiny.exit_code == 3 and json.loads(tiny.stdout)["batch_size"] is None
+
+
+def test_plan_with_several_ranks_reports_nproc_strategy_and_no_confirmation():
+    result = run("plan", "mlp", "--arg", "width=64", "--arg", "depth=1", "--budget", "1GiB", "--nproc", "2", "--strategy", "fsdp",
+                 "--effective-batch-size", "8", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert PLAN_FIELDS <= set(data) and data["nproc"] == 2 and data["strategy"] == "fsdp"
+    assert data["feasible"] is True and data["measured_peak_bytes"] is None and data["real_steps"] == 0
+    assert all(alt["strategy"] == "fsdp" for alt in data["alternatives"])
+    assert Recipe.from_dict(data["recipe"]).batch_size == 8
+
+
+def test_strategy_without_several_ranks_and_an_indivisible_global_batch_exit_2():
+    result = run("plan", "mlp", "--budget", "1GiB", "--strategy", "ddp")
+    assert result.exit_code == 2 and "--strategy" in result.stderr and "--nproc" in result.stderr
+    result = run("plan", "mlp", "--budget", "1GiB", "--nproc", "3", "--effective-batch-size", "8")
+    assert result.exit_code == 2 and "effective_batch_size" in result.stderr and "multiple of 3" in result.stderr

@@ -42,19 +42,26 @@ def _budget(text: str) -> int:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the chosen recipe here (a file --recipe accepts) and the frontier plot next to it (<name>-frontier.png).")
 @click.option("--force", is_flag=True, help="Replace existing --out files.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel ranks: above 1 the budget is per rank and --effective-batch-size the global batch.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp", "auto"]), default="auto", show_default=True,
+              help="With --nproc above 1: plan for DDP, FSDP2, or search both (auto).")
 @handle_errors
-def plan_command(spec, budget, device, effective_batch_size, objective, args, output_format, out, force):
+def plan_command(spec, budget, device, effective_batch_size, objective, args, output_format, out, force, nproc, strategy):
     """Find the fastest training recipe of SPEC that fits a memory budget, confirmed by two real steps.
 
     Searches micro-batching with gradient accumulation, precision, activation checkpointing and
     optimizer-state precision/implementation (plus offload and allocator settings on a GPU) jointly
     on the estimator, ranks them with step times calibrated on this machine, and confirms the
     winner with memwise.profile. Exit code 3 (with the result still printed) when nothing fits.
+    With --nproc above 1 the budget is per rank, DDP and FSDP2 are searched on per-rank estimates
+    with their communication charged to the step time, and nothing is confirmed by real steps.
 
     \b
     Example:
       memwise plan gpt --arg preset=small --budget 400MiB --effective-batch-size 16
       memwise plan gpt --budget 6MiB --format json --out plan.json && memwise profile gpt --recipe plan.json
+      memwise plan gpt --budget 5MiB --nproc 2 --effective-batch-size 8 --format json
     """
     from memwise.core.errors import BadInputError
     from memwise.plan.planner import plan
@@ -62,10 +69,15 @@ def plan_command(spec, budget, device, effective_batch_size, objective, args, ou
     budget_bytes = _budget(budget)
     if effective_batch_size is not None and effective_batch_size <= 0:
         raise BadInputError(f"--effective-batch-size: must be a positive integer, got {effective_batch_size}")
+    if nproc <= 0:
+        raise BadInputError(f"--nproc: must be a positive integer, got {nproc}")
+    if nproc == 1 and strategy != "auto":
+        raise BadInputError(f"--strategy: {strategy} needs --nproc above 1 (got --nproc 1)")
     targets = _out_targets(out, force)
     workload = load_spec(spec, args)
-    click.echo(f"planning {workload.name} for {budget} on {device} (estimates, timed steps, then 2 real steps)...", err=True)
-    result = plan(workload, budget_bytes, device, effective_batch_size, objective)
+    steps = "then 2 real steps" if nproc == 1 else f"per rank of {nproc}, not confirmed"
+    click.echo(f"planning {workload.name} for {budget} on {device} (estimates, timed steps, {steps})...", err=True)
+    result = plan(workload, budget_bytes, device, effective_batch_size, objective, nproc=nproc, strategy=strategy)
     if targets:
         _write_outputs(result, targets)
     if output_format == "json":
@@ -162,7 +174,8 @@ def _summary_lines(result) -> list[str]:
     measured = format_bytes(result.measured_peak_bytes) if result.measured_peak_bytes is not None else "not confirmed"
     lines = [
         f"{'feasible' if result.feasible else 'INFEASIBLE'}: {result.workload} on {result.device}, budget {format_bytes(result.budget_bytes)}, "
-        f"effective batch {result.effective_batch_size}, objective {result.objective.value}",
+        f"effective batch {result.effective_batch_size}, objective {result.objective.value}"
+        + (f", {result.nproc} ranks with {result.strategy} (budget and peaks per rank)" if result.nproc > 1 else ""),
         f"recipe: {recipe_text(result.recipe)}",
         f"predicted peak {format_bytes(result.predicted_peak_bytes)}, measured {measured} ({result.real_steps} real steps); "
         f"predicted step {result.predicted_step_ms:.1f} ms; {result.estimates} estimates, {result.calibration_steps} timed steps, "
@@ -186,11 +199,16 @@ def _print_plan_table(result) -> None:
     for column in ("", "recipe", "peak", "step ms", "fits"):
         table.add_column(column)
     for alt in result.alternatives:
-        table.add_row("▶" if alt.chosen else "", alt.description, format_bytes(alt.predicted_peak_bytes),
+        table.add_row("▶" if alt.chosen else "", _described(alt), format_bytes(alt.predicted_peak_bytes),
                       f"{alt.predicted_step_ms:.1f}", "yes" if alt.fits else "no", style="bold green" if alt.chosen else None)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def _described(alternative) -> str:
+    """A frontier row's recipe in words, led by its strategy when several ranks were planned."""
+    return f"{alternative.strategy}: {alternative.description}" if alternative.strategy else alternative.description
 
 
 def _plan_markdown(result) -> str:
@@ -200,7 +218,7 @@ def _plan_markdown(result) -> str:
     lines += ["", "| | recipe | peak | step ms | fits |", "|---|---|---|---|---|"]
     for alt in result.alternatives:
         mark = "**chosen**" if alt.chosen else ""
-        lines.append(f"| {mark} | {alt.description} | {format_bytes(alt.predicted_peak_bytes)} | {alt.predicted_step_ms:.1f} | "
+        lines.append(f"| {mark} | {_described(alt)} | {format_bytes(alt.predicted_peak_bytes)} | {alt.predicted_step_ms:.1f} | "
                      f"{'yes' if alt.fits else 'no'} |")
     lines += [""] + [f"- note: {note}" for note in result.notes]
     return "\n".join(lines)

@@ -7,6 +7,11 @@ settings for GPUs). Memory comes from `memwise.estimate` (cached per recipe); ti
 smaller, already-estimated candidate shows cannot fit is skipped without estimating it. The first
 candidate that fits wins (objective `throughput`), or the smallest peak (objective `memory`); it is
 then confirmed with `CONFIRM_STEPS` real steps under `memwise.profile`.
+
+With `nproc` above one the budget is per rank: each strategy (DDP, FSDP2) is searched on its own
+with `memwise.distributed.estimate_per_rank` (the effective batch is the global batch, the
+micro-batch is per rank), its step time charged with the strategy's communication (see
+`step_time.comm_ms`), and the faster feasible strategy wins. Such plans are not confirmed by real steps.
 """
 
 import dataclasses
@@ -43,7 +48,7 @@ from memwise.plan.remedies import (
     search_axes,
     uses_no_less_memory,
 )
-from memwise.plan.step_time import StepTimeModel, calibrate_step_time, default_step_time_model
+from memwise.plan.step_time import StepTimeModel, calibrate_step_time, comm_bytes_per_pass, comm_ms, default_step_time_model
 
 MAX_CONFIRMATIONS = 2
 DEFAULT_MAX_ESTIMATES = 40
@@ -75,6 +80,7 @@ class PlanAlternative:
     predicted_step_ms: float
     fits: bool
     chosen: bool
+    strategy: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,6 +116,8 @@ class Plan:
         estimates: estimator runs.
         notes: what the plan assumed or could not do.
         elapsed_s: wall time of planning.
+        nproc: ranks planned for (the budget and the peaks are per rank when above one).
+        strategy: `ddp` or `fsdp` when `nproc` is above one, else None.
     """
 
     feasible: bool
@@ -130,6 +138,8 @@ class Plan:
     estimates: int
     notes: tuple[str, ...]
     elapsed_s: float
+    nproc: int = 1
+    strategy: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -162,6 +172,8 @@ class Planner:
         samples: draws of `make_batch` to find the largest input when the workload declares none.
         max_estimates: the most estimator runs one `plan()` may start.
         time_model: a ready StepTimeModel (skips calibration).
+        nproc: ranks; above one, the budget is per rank and `strategy` must be `ddp` or `fsdp`.
+        strategy: the distributed strategy of every candidate (only with nproc > 1).
     """
 
     def __init__(
@@ -175,6 +187,8 @@ class Planner:
         samples: int = DEFAULT_SAMPLES,
         max_estimates: int = DEFAULT_MAX_ESTIMATES,
         time_model: StepTimeModel | None = None,
+        nproc: int = 1,
+        strategy: str | None = None,
     ) -> None:
         if not isinstance(workload, Workload):
             raise BadInputError(f"workload: expected a memwise.Workload, got {type(workload).__name__}")
@@ -182,6 +196,12 @@ class Planner:
         positive_int(samples, "samples")
         positive_int(max_estimates, "max_estimates")
         batch = workload.default_batch_size if effective_batch_size is None else positive_int(effective_batch_size, "effective_batch_size")
+        positive_int(nproc, "nproc")
+        self.nproc = nproc
+        self.strategy = _check_strategy(nproc, strategy)
+        if batch % nproc:
+            raise BadInputError(f"effective_batch_size: the global batch {batch} does not split evenly over nproc={nproc} ranks; "
+                                f"use a multiple of {nproc}, e.g. {nproc * max(1, round(batch / nproc))}")
         self.workload = workload
         self.spec = resolve_device(device)
         self.margin = margin
@@ -190,7 +210,8 @@ class Planner:
         self.base = Recipe(batch_size=batch)
         context = remedy_context(self.base, train=True, gpu=self.spec.kind == "cuda",
                                  has_optimizer_factory=workload.optimizer_factory is not None)
-        self.axes = search_axes(self.base, context, allow=allow)
+        # micro-batches divide the per-rank batch; candidates keep the global batch (see rank_recipe)
+        self.axes = search_axes(self.base.replace(batch_size=batch // nproc), context, allow=allow)
         self.candidates = list(candidates(self.base, self.axes))
         self.labels = {c.choice: [axis.values[i].label for axis, i in zip(self.axes, c.choice)] for c in self.candidates}
         self._estimates: dict[Recipe, Estimate | None] = {}
@@ -211,7 +232,12 @@ class Planner:
         if recipe not in self._estimates:
             self._estimate_count += 1
             try:
-                self._estimates[recipe] = estimate(self.inputs.workload, recipe, self.spec, what_if=False)
+                if self.nproc > 1:
+                    from memwise.distributed.estimate import estimate_per_rank
+
+                    self._estimates[recipe] = estimate_per_rank(self.inputs.workload, recipe, self.nproc, self.strategy, self.spec, what_if=False)
+                else:
+                    self._estimates[recipe] = estimate(self.inputs.workload, recipe, self.spec, what_if=False)
             except (SymbolicExecutionError, BadInputError, RuntimeError, TypeError, ValueError) as error:
                 if not any(value is not None for value in self._estimates.values()):
                     raise  # nothing estimates: the workload's own error, reported as such
@@ -252,7 +278,18 @@ class Planner:
                 transfer += 2 * (categories.get("grad", 0) + categories.get("param", 0))
             if offload in ("activations", "all"):
                 transfer += 2 * categories.get("activation", 0)
-        return model.predict_ms(candidate.recipe, self.labels[candidate.choice], transfer_bytes=transfer)
+        if self.nproc == 1:
+            return model.predict_ms(candidate.recipe, self.labels[candidate.choice], transfer_bytes=transfer)
+        local = candidate.recipe.replace(batch_size=self.effective_batch_size // self.nproc)
+        passes = local.batch_size // (local.micro_batch_size or local.batch_size)
+        per_pass = comm_bytes_per_pass(self.strategy, self._trainable_bytes(candidate.recipe), self.nproc)
+        return (model.predict_ms(local, self.labels[candidate.choice], transfer_bytes=transfer)
+                + comm_ms(passes * per_pass, self.spec.kind))
+
+    def _trainable_bytes(self, recipe: Recipe) -> int:
+        """Bytes of the trainable parameters as the collectives move them (bf16 when the weights are)."""
+        count = sum(p.numel() for p in {id(p): p for p in self.workload.model.parameters() if p.requires_grad}.values())
+        return count * (2 if recipe.precision.value == "bf16-weights" else 4)
 
     # -- search ---------------------------------------------------------------------------------
 
@@ -301,7 +338,7 @@ class Planner:
                 chosen = min(options, key=lambda s: (predicted_bytes(s.estimate), s.step_ms)) if options else None
             else:
                 chosen = self._fastest_fitting(lambda s, scale=scale: fits(s, scale) and s.candidate.choice not in rejected, count_before)
-            if chosen is None or not confirm_steps or not can_confirm(self.spec):
+            if chosen is None or not confirm_steps or not can_confirm(self.spec) or self.nproc > 1:
                 break
             confirmation = confirm(self.inputs.workload, chosen.candidate.recipe, self.spec, chosen.estimate)
             real_steps += confirmation.real_steps
@@ -314,12 +351,15 @@ class Planner:
             if measured is not None:
                 scale = max(scale, measured / predicted_bytes(chosen.estimate))
             chosen, measured = None, None
-        if chosen is not None and (not confirm_steps or not can_confirm(self.spec)):
+        if chosen is not None and self.nproc > 1:
+            notes.append(f"nothing was confirmed: plans for nproc={self.nproc} rest on the per-rank estimate "
+                         f"(memwise.distributed.estimate_per_rank); check with `memwise profile --nproc {self.nproc} --strategy {self.strategy}`")
+        elif chosen is not None and (not confirm_steps or not can_confirm(self.spec)):
             notes.append(f"nothing was confirmed: the plan rests on the estimate alone ({'confirmation off' if not confirm_steps else 'no ' + self.spec.name + ' on this machine'})")
 
         scored = [s for s in (self._scored_if_known(c) for c in self.candidates) if s is not None]
         winner = chosen or floor
-        alternatives = _frontier(scored, winner, budget_bytes, self.margin, self.axes)
+        alternatives = _frontier(scored, winner, budget_bytes, self.margin, self.axes, self.strategy)
         reason = None if chosen is not None else self._reason(floor, budget_bytes, notes)
         calibration = time_model.measured_steps
         if time_model.calibrated:
@@ -345,6 +385,8 @@ class Planner:
             estimates=self._estimate_count - count_before,
             notes=tuple(dict.fromkeys(self.notes + notes)),  # skipped recipes and timing defaults hold for every plan
             elapsed_s=round(time.perf_counter() - started, 3),
+            nproc=self.nproc,
+            strategy=self.strategy,
         )
 
     def _score(self, candidate: Candidate) -> _Scored | None:
@@ -436,6 +478,61 @@ class Planner:
                           dominant_category=dominant, dominant_bytes=dominant_bytes)
 
 
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _check_strategy(nproc: int, strategy: str | None) -> str | None:
+    """The strategy of a Planner: None for one process, `ddp` or `fsdp` for several."""
+    if nproc == 1:
+        if strategy not in (None, "auto"):
+            raise BadInputError(f"strategy: {strategy!r} needs nproc above 1 (got nproc=1); omit it or raise nproc")
+        return None
+    value = getattr(strategy, "value", strategy)
+    if value not in STRATEGIES:
+        raise BadInputError(f"strategy: invalid value {strategy!r} for nproc={nproc}; valid values are ddp, fsdp")
+    return value
+
+
+def _strategies(nproc: int, strategy: str | None) -> list[str | None]:
+    """The strategies `plan` searches: one fixed, or both when `auto`/None with several ranks."""
+    positive_int(nproc, "nproc")
+    value = getattr(strategy, "value", strategy)
+    if nproc == 1:
+        _check_strategy(1, value)
+        return [None]
+    if value in (None, "auto"):
+        return list(STRATEGIES)
+    return [_check_strategy(nproc, value)]
+
+
+def _best_of(plans: list[Plan], objective: PlanObjective, notes: list[str]) -> Plan:
+    """The plan to return among one per strategy: the fastest feasible (or smallest for `memory`),
+    else the infeasible one with the smallest reachable peak; the frontiers are merged."""
+    feasible = [p for p in plans if p.feasible]
+    if feasible:
+        key = (lambda p: (p.predicted_step_ms, p.predicted_peak_bytes)) if objective == PlanObjective.THROUGHPUT \
+            else (lambda p: (p.predicted_peak_bytes, p.predicted_step_ms))
+        best = min(feasible, key=key)
+    else:
+        best = min(plans, key=lambda p: (p.reason.min_peak_bytes if p.reason else p.predicted_peak_bytes))
+    for other in plans:
+        if other is not best:
+            verdict = (f"fastest fitting recipe {recipe_text(other.recipe)}, predicted {other.predicted_peak_bytes} bytes per rank, "
+                       f"{other.predicted_step_ms} ms" if other.feasible else f"infeasible (smallest peak {other.reason.min_peak_bytes} bytes per rank)"
+                       if other.reason else "infeasible")
+            notes.append(f"{other.strategy} considered: {verdict}")
+    merged = [alt for p in plans for alt in p.alternatives]
+    frontier: list[PlanAlternative] = []
+    smallest_so_far = math.inf
+    for alt in sorted(merged, key=lambda a: (a.predicted_step_ms, a.predicted_peak_bytes)):
+        keep = alt.chosen and alt.strategy == best.strategy
+        if alt.predicted_peak_bytes < smallest_so_far or keep:
+            frontier.append(dataclasses.replace(alt, chosen=keep))
+            smallest_so_far = min(smallest_so_far, alt.predicted_peak_bytes)
+    return dataclasses.replace(best, alternatives=tuple(frontier), notes=tuple(dict.fromkeys(best.notes + tuple(notes))),
+                               estimates=sum(p.estimates for p in plans), elapsed_s=round(sum(p.elapsed_s for p in plans), 3))
+
+
 def _objective(objective: PlanObjective | str) -> PlanObjective:
     try:
         return PlanObjective(objective)
@@ -443,7 +540,8 @@ def _objective(objective: PlanObjective | str) -> PlanObjective:
         raise BadInputError(f"objective: invalid value {objective!r}; valid values are throughput, memory") from None
 
 
-def _frontier(scored: list[_Scored], winner: _Scored, budget_bytes: int, margin: float, axes: Any) -> tuple[PlanAlternative, ...]:
+def _frontier(scored: list[_Scored], winner: _Scored, budget_bytes: int, margin: float, axes: Any,
+              strategy: str | None = None) -> tuple[PlanAlternative, ...]:
     """The candidates no other is both faster and smaller than (fastest first), plus the winner."""
     frontier: list[_Scored] = []
     smallest_so_far = math.inf
@@ -459,6 +557,7 @@ def _frontier(scored: list[_Scored], winner: _Scored, budget_bytes: int, margin:
             recipe=item.candidate.recipe, description=describe(axes, item.candidate.choice),
             predicted_peak_bytes=predicted_bytes(item.estimate), predicted_step_ms=round(item.step_ms, 3),
             fits=predicted_fits(item.estimate, budget_bytes, margin), chosen=item.candidate.choice == winner.candidate.choice,
+            strategy=strategy,
         )
         for item in frontier
     )
@@ -484,6 +583,8 @@ def plan(
     allow: Mapping[str, Sequence[Any]] | None = None,
     *,
     margin: float = DEFAULT_MARGIN,
+    nproc: int = 1,
+    strategy: str | None = None,
 ) -> Plan:
     """The fastest training recipe of `workload` whose peak fits `budget_bytes` on `device`.
 
@@ -504,6 +605,10 @@ def plan(
         objective: `throughput` (fastest recipe that fits) or `memory` (smallest peak).
         allow: restricts the search by Recipe field, e.g. `{"precision": ["fp32"]}`.
         margin: fraction of the budget a prediction must leave free (5%).
+        nproc: ranks (data parallel). Above one, `budget_bytes` is per rank, `effective_batch_size`
+            is the global batch (a multiple of `nproc`), micro-batches are per rank, and each
+            strategy is estimated with `memwise.distributed.estimate_per_rank`.
+        strategy: `ddp`, `fsdp`, or `auto`/None (search both) when `nproc` is above one.
 
     Returns:
         A `Plan`; `feasible` is False with a `reason` when nothing fits.
@@ -514,8 +619,26 @@ def plan(
 
     Known limitations:
         For a GPU target on a machine without one, nothing is confirmed and step times are relative
-        (calibrated on this CPU). Inference plans are not searched (training steps only).
+        (calibrated on this CPU). Inference plans are not searched (training steps only). With
+        nproc > 1 nothing is confirmed by real steps and communication time is modelled from
+        stated bandwidths (see `step_time.comm_ms`), not measured.
     """
-    planner = Planner(workload, device, effective_batch_size=effective_batch_size, allow=allow, margin=margin)
-    return planner.plan(budget_bytes, objective)
+    strategies = _strategies(nproc, strategy)
+    objective = _objective(objective)
+    plans: list[Plan] = []
+    notes: list[str] = []
+    time_model = None
+    for each in strategies:
+        planner = Planner(workload, device, effective_batch_size=effective_batch_size, allow=allow, margin=margin,
+                          nproc=nproc, strategy=each, time_model=time_model)
+        try:
+            plans.append(planner.plan(budget_bytes, objective))
+        except BadInputError as error:
+            if len(strategies) == 1 or "effective_batch_size" in str(error):
+                raise
+            notes.append(f"{each} skipped: {str(error).splitlines()[0][:200]}")
+        time_model = planner.time_model()  # calibrated once, shared by the strategies
+    if not plans:
+        raise BadInputError(f"strategy: no strategy could be planned for nproc={nproc}: " + "; ".join(notes))
+    return plans[0] if len(strategies) == 1 else _best_of(plans, objective, notes)
 

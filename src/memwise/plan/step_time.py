@@ -8,6 +8,7 @@ The terms are measured, not assumed: a few real steps of the workload at a small
 by side: plain at m and 2m, two accumulation passes of m (separates the optimizer's time from a
 pass's), and each checkpoint mode, precision and optimizer setting alone at m. Offload adds its
 transfers at an assumed host-link bandwidth (only for GPU targets; on the CPU it is a no-op).
+With several ranks, `comm_ms` adds the collectives of DDP or FSDP2 at a stated bandwidth.
 """
 
 import copy
@@ -26,6 +27,10 @@ from memwise.plan.remedies import Axis
 # 16 GB/s is what pinned-memory copies of many mid-sized tensors reach in practice.
 HOST_LINK_BYTES_PER_MS = 16e9 / 1e3
 _MIN_FACTOR = 0.05
+# Bytes each rank moves per ms in a collective (bus bandwidth), stated, not measured: gloo over
+# loopback on a CPU host moves ~1 GB/s per rank; NCCL within one node (NVLink or PCIe) is
+# conservatively ~50 GB/s. Latency per collective is not charged.
+COMM_BYTES_PER_MS = {"cpu": 1e9 / 1e3, "cuda": 50e9 / 1e3}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,3 +159,26 @@ def calibrate_step_time(
     return StepTimeModel(pass_fixed_ms=fixed, pass_per_sample_ms=per_sample, optimizer_ms=optimizer_ms, factors=factors,
                          optimizer_delta_ms=optimizer_delta, measured_steps=steps[0],
                          calibration_s=time.perf_counter() - started)
+
+
+def comm_bytes_per_pass(strategy: str, param_bytes: int, nproc: int) -> int:
+    """Bytes each rank sends per forward+backward pass under `strategy` (ring collectives).
+
+    DDP all-reduces the gradients after every backward (memwise's accumulation does not use
+    `no_sync`): a ring all-reduce moves 2 (n-1)/n of them. FSDP2 (reshard after forward)
+    all-gathers the parameters in forward and again in backward and reduce-scatters the
+    gradients: 3 (n-1)/n of the parameter bytes.
+    """
+    share = (nproc - 1) / nproc
+    factor = 2 if strategy == "ddp" else 3
+    return int(factor * share * param_bytes)
+
+
+def comm_ms(bytes_per_rank: int, device_kind: str) -> float:
+    """Time in ms to move `bytes_per_rank` in collectives at `COMM_BYTES_PER_MS[device_kind]`.
+
+    Known limitations:
+        Assumes no overlap with compute (DDP and FSDP2 overlap much of it, so this is an upper
+        bound) and no per-collective latency; the bandwidths are stated, not calibrated here.
+    """
+    return bytes_per_rank / COMM_BYTES_PER_MS.get(device_kind, COMM_BYTES_PER_MS["cpu"])

@@ -47,7 +47,7 @@ BUILTIN_WORKLOADS: dict[str, BuiltinWorkload] = {
         ),
         BuiltinWorkload(
             name="gpt",
-            description="nanoGPT-style decoder (args: preset=tiny|small|gpt2-124m, n_layer, n_head, n_embd, block_size, vocab_size)",
+            description="nanoGPT-style decoder (args: preset=tiny|small|gpt2-124m, n_layer, n_head, n_embd, block_size, vocab_size, seq_len=N or a range such as 64-256)",
             target="memwise.workloads.gpt:gpt",
         ),
         BuiltinWorkload(
