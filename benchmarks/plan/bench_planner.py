@@ -1,7 +1,9 @@
 """The planner against an exhaustive measured search over the same knob grid, at three budgets.
 
-For each workload, every recipe of the grid is measured with `memwise.profile` (allocator peak and
-median step time over real steps); for each budget the best fitting recipe is the measured fastest
+For each workload, every recipe of the grid is measured with `memwise.profile` (allocator peak over
+two real steps) and timed separately: one runner per recipe, all warmed up, then `--rounds` rounds
+that each time one step of every recipe in a rotated order (interleaved, so a burst of load on the
+shared machine hits every recipe alike); a recipe's time is the median of its rounds. For each budget the best fitting recipe is the measured fastest
 whose measured peak is within the budget. The planner searches the same grid on estimates, with its
 calibrated step-time model, and confirms with real steps. Reported: the planner's chosen recipe,
 its measured step time against the best's (target: within 15%), its real steps (confirmation, and
@@ -13,7 +15,10 @@ Usage:
 """
 
 import argparse
+import copy
 import itertools
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +29,8 @@ import torch  # noqa: E402
 from common import print_table, write_rows  # noqa: E402
 
 import memwise  # noqa: E402
-from memwise.core.recipe import Recipe  # noqa: E402
+from memwise.core.recipe import Mode, Recipe  # noqa: E402
+from memwise.core.step import StepRunner  # noqa: E402
 from memwise.plan import Planner  # noqa: E402
 from memwise.plan.planner import recipe_text  # noqa: E402
 
@@ -62,13 +68,36 @@ def grid_recipes(allow: dict) -> list[Recipe]:
     return recipes
 
 
+def interleaved_step_ms(workload, recipes: list[Recipe], rounds: int) -> dict[Recipe, float]:
+    """Median step time (ms) of each recipe over `rounds` interleaved rounds, after one warm-up step each."""
+    runners = {recipe: StepRunner(workload, recipe, Mode.TRAIN, copy.deepcopy(workload.model), torch.device("cpu")) for recipe in recipes}
+    times: dict[Recipe, list[float]] = {recipe: [] for recipe in recipes}
+    try:
+        for runner in runners.values():
+            runner.step(runner.make_batch())
+        for round_index in range(rounds):
+            shift = round_index % len(recipes)
+            for recipe in recipes[shift:] + recipes[:shift]:
+                runner = runners[recipe]
+                batch = runner.make_batch()
+                began = time.perf_counter()
+                runner.step(batch)
+                times[recipe].append((time.perf_counter() - began) * 1e3)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return {recipe: statistics.median(values) for recipe, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="run only the workloads whose label contains this text")
-    parser.add_argument("--steps", type=int, default=3, help="real steps per grid recipe (median step time over all but the first)")
+    parser.add_argument("--steps", type=int, default=2, help="real steps per grid recipe for its measured peak")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per grid recipe (median)")
     options = parser.parse_args()
     torch.manual_seed(0)
+    load_start = list(os.getloadavg())
     allow = grid(options.quick)
     rows, json_rows = [], []
     for label, (spec, args) in WORKLOADS.items():
@@ -77,12 +106,13 @@ def main() -> None:
         workload = memwise.load_workload(spec, args)
         started = time.perf_counter()
         measured = {}
+        step_ms = interleaved_step_ms(workload, grid_recipes(allow), options.rounds)
         for recipe in grid_recipes(allow):
             result = memwise.profile(workload, recipe, steps=options.steps)
-            measured[recipe] = (result.peak_bytes, result.step_ms)
-            print(f"{label}: {recipe_text(recipe)}: peak {result.peak_bytes}, {result.step_ms:.0f} ms", file=sys.stderr)
+            measured[recipe] = (result.peak_bytes, step_ms[recipe])
+            print(f"{label}: {recipe_text(recipe)}: peak {result.peak_bytes}, {step_ms[recipe]:.0f} ms", file=sys.stderr)
         exhaustive_s = time.perf_counter() - started
-        exhaustive_steps = options.steps * len(measured)
+        exhaustive_steps = (options.steps + 1 + options.rounds) * len(measured)
         peaks = sorted(peak for peak, _ in measured.values())
         plain_peak = measured[grid_recipes(allow)[0]][0]
         budgets = {"roomy": int(plain_peak * 1.05), "mid": int((peaks[0] + plain_peak) / 2), "tight": int(peaks[0] / 0.9)}
@@ -120,7 +150,8 @@ def main() -> None:
         rows,
     )
     write_rows("bench_planner", json_rows, {"batch": BATCH, "allow": {k: list(map(str, v)) for k, v in allow.items()},
-                                            "steps": options.steps, "quick": options.quick, "only": options.only})
+                                            "steps": options.steps, "rounds": options.rounds, "quick": options.quick,
+                                            "only": options.only, "load_average_start": load_start, "load_average_end": list(os.getloadavg())})
 
 
 if __name__ == "__main__":
