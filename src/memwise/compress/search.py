@@ -80,6 +80,7 @@ class _Search:
     ) -> None:
         self.target = target
         self.distill_steps = distill_steps
+        self.distill_step_s: float | None = None
         self.max_metric_drop = max_metric_drop
         self.objective = objective
         self.methods = methods
@@ -238,7 +239,9 @@ class _Search:
             applied = [AppliedMethod(name="prune_structured", params={"ratios": ratios, "importance": "group L2 magnitude", "scan": {item.layer: {str(ratio): drop for ratio, drop in item.drop_by_ratio.items()} for item in scan}})]
             drop = self.original_metric - float(self.target.evaluate(pruned))
             if use_distill and drop > self.max_metric_drop / 4 and self.time_left():
+                distill_started = time.monotonic()
                 distill_module.distill(pruned, self.original, self.target.make_labeled, steps=self.distill_steps)
+                self.distill_step_s = (time.monotonic() - distill_started) / self.distill_steps
                 applied.append(AppliedMethod(name="distill", params={"steps": self.distill_steps, "temperature": 4.0, "alpha": 0.7, "lr": 1e-3, "batch_size": 64}))
             base = self.trial("+".join(item.name for item in applied), applied, pruned)
             if base.trial.accepted or base.trial.metric_drop <= self.max_metric_drop * 1.5:
@@ -250,7 +253,10 @@ class _Search:
 
     def distill_estimate_s(self, steps: int) -> float:
         """Rough cost of `steps` distillation steps at batch 64: teacher forward, student forward and
-        backward (about 4 forwards), from the batch-32 forward time measured in the first trial."""
+        backward (about 4 forwards), from the batch-32 forward time measured in the first trial,
+        or from the time per step of a distillation already run."""
+        if self.distill_step_s is not None:
+            return steps * self.distill_step_s
         if not self.candidates:
             return 0.0
         forward_s = self.candidates[0].trial.original_latency_ms["batch_32"] / 1000.0
