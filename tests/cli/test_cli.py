@@ -59,9 +59,17 @@ def test_estimate_json_contract():
     for field in ("peak_bytes", "low_bytes", "high_bytes", "reserved_bytes", "context_bytes", "by_category",
                   "phase_at_peak", "device", "fits", "what_if", "elapsed_s"):
         assert field in data, field
-    assert data["low_bytes"] <= data["peak_bytes"] <= data["high_bytes"]
     assert data["fits"] is True
     assert all({"change", "peak_bytes"} <= set(row) for row in data["what_if"])
+
+
+def test_estimate_range_holds_the_measured_peak():
+    """The CPU estimate's [low_bytes, high_bytes] must contain the peak that `profile` measures."""
+    spec = ("gpt", "--arg", "preset=tiny", "--batch-size", "4", "--seed", "0")
+    measured = json.loads(run("profile", *spec, "--steps", "2", "--format", "json").output)["peak_bytes"]
+    estimated = json.loads(run("estimate", *spec[:-2], "--device", "cpu", "--format", "json").output)
+    assert estimated["low_bytes"] <= measured <= estimated["high_bytes"]
+    assert abs(estimated["peak_bytes"] / measured - 1) <= 0.03
 
 
 def test_estimate_budget_that_does_not_fit_is_not_an_error():
