@@ -139,3 +139,26 @@ def test_shard_and_bucket_sizes():
     parameters = [torch.empty(2**18), torch.empty(2**18), torch.empty(2**17)]  # 1 MiB, 1 MiB, 0.5 MiB in fp32
     # reverse order; the first bucket closes once it reaches 1 MiB, later ones at 25 MiB
     assert ddp_bucket_sizes(parameters) == [2**20 + 2**19, 2**20]
+
+
+def test_profile_nproc_reports_rank_zero_as_one_process_plus_every_rank():
+    from click.testing import CliRunner
+
+    from memwise.cli.main import main
+
+    common = [SPEC, "--arg", "preset=tiny", "--batch-size", str(GLOBAL_BATCH), "--format", "json"]
+    ran = CliRunner().invoke(main, ["profile", *common, "--steps", "2", "--nproc", "2", "--strategy", "ddp"])
+    assert ran.exit_code == 0, ran.output[-3000:]
+    profile = json.loads(ran.stdout)
+    single = json.loads(CliRunner().invoke(main, ["profile", *common, "--steps", "1"]).stdout)
+    assert set(single) <= set(profile)  # rank 0 has every field of a single-process profile...
+    assert profile["nproc"] == 2 and profile["strategy"] == "ddp" and profile["steps"] == 2
+    ranks = profile["ranks"]  # ...plus every rank's memory
+    assert [r["rank"] for r in ranks] == [0, 1] and all(set(r) >= {"rank", "peak_bytes", "by_category", "step_ms"} for r in ranks)
+    assert profile["per_rank_peak_bytes"] == [r["peak_bytes"] for r in ranks]
+    assert profile["peak_bytes"] == ranks[0]["peak_bytes"] and profile["by_category"] == ranks[0]["by_category"]
+    estimate = json.loads(CliRunner().invoke(main, ["estimate", *common, "--nproc", "2", "--strategy", "ddp"]).stdout)
+    for peak_bytes in profile["per_rank_peak_bytes"]:
+        assert abs(estimate["peak_bytes"] / peak_bytes - 1) <= 0.005, (estimate["peak_bytes"], profile["per_rank_peak_bytes"])
+    refused = CliRunner().invoke(main, ["profile", *common, "--nproc", "2", "--verify"])
+    assert refused.exit_code == 2 and "--verify" in refused.output

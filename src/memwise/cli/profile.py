@@ -25,12 +25,14 @@ from memwise.cli.generate import generation_options
 @click.option("--steps", type=int, default=3, show_default=True, help="Steps to measure.")
 @click.option("--verify", is_flag=True, help="Also run a plain torch.profiler pass and report its peak as reference_peak_bytes.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Ranks on this machine, launched through torchrun (gloo on CPU, nccl on CUDA).")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="DDP or FSDP2 across the ranks (default ddp with --nproc).")
 @seed_option
 @generation_options
 @format_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write profile.json, timeline.png and report.html here.")
 @handle_errors
-def profile_command(spec, mode, args, steps, verify, device, seed, output_format, out,
+def profile_command(spec, mode, args, steps, verify, device, nproc, strategy, seed, output_format, out,
                     context_length, new_tokens, kv_cache_dtype, cache_kind, **recipe_options):
     """Measure the memory of real steps of SPEC: a built-in name, file.py:function or module:function.
 
@@ -43,11 +45,25 @@ def profile_command(spec, mode, args, steps, verify, device, seed, output_format
     """
     from memwise.core.errors import BadInputError
     from memwise.measure.profile import profile
+    from memwise.workloads import parse_args
 
     if steps <= 0:
         raise BadInputError(f"--steps: must be a positive integer, got {steps}")
     check_output_directory(out, "--out")
     recipe = build_recipe(recipe_options)
+    if nproc != 1 or strategy is not None:  # memwise.distributed: every rank measured under torchrun (docs/distributed.md)
+        from memwise.distributed.entry import profile_distributed, rank_peaks
+
+        if mode != "train" or verify:
+            raise BadInputError(f"--nproc/--strategy: profile train steps only, without --verify; got --mode {mode}"
+                                + (" --verify" if verify else ""))
+        apply_seed(seed)
+        result = profile_distributed(spec, parse_args(args), recipe, steps, nproc=nproc, strategy=strategy or "ddp", device=device)
+        if result is not None:
+            show_result(result, output_format, out, stem="profile")
+            if output_format != "json":
+                click.echo(rank_peaks(result))
+        return
     apply_seed(seed)  # before the model is built (its initial weights) and again before the steps
     workload = load_spec(spec, args)
     apply_seed(seed)

@@ -3,6 +3,6 @@
 from memwise.distributed.config import DistributedTrainConfig, DistStrategy
 from memwise.distributed.estimate import RankEstimate, estimate_per_rank
 from memwise.distributed.launch import RankFailedError, check_nproc, launch_train
-from memwise.distributed.result import DistributedTrainResult, RankMemory
+from memwise.distributed.result import DistributedProfile, DistributedTrainResult, RankMemory
 
-__all__ = ["DistStrategy", "DistributedTrainConfig", "DistributedTrainResult", "RankEstimate", "RankFailedError", "RankMemory", "estimate_per_rank", "check_nproc", "launch_train"]
+__all__ = ["DistStrategy", "DistributedProfile", "DistributedTrainConfig", "DistributedTrainResult", "RankEstimate", "RankFailedError", "RankMemory", "estimate_per_rank", "check_nproc", "launch_train"]

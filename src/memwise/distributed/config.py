@@ -41,6 +41,8 @@ class DistributedTrainConfig:
         checkpoint_every: write the checkpoints every K steps and at the end.
         measure_steps: the first steps measured with the allocator profiler (the rest run untracked).
         result_path: where rank 0 writes the run's JSON (atomically), or None.
+        task: `train` (a `DistributedTrainResult`) or `profile` (every step measured, no
+            checkpoints, a `DistributedProfile`).
     """
 
     spec: str
@@ -53,6 +55,7 @@ class DistributedTrainConfig:
     checkpoint_every: int = 10
     measure_steps: int = 3
     result_path: str | None = None
+    task: str = "train"
 
     def __post_init__(self) -> None:
         positive_int(self.steps, "steps")
@@ -61,6 +64,8 @@ class DistributedTrainConfig:
         object.__setattr__(self, "strategy", coerce_strategy(self.strategy))
         if self.device not in ("cpu", "cuda"):
             raise BadInputError(f"device: invalid value {self.device!r}; valid values are cpu, cuda")
+        if self.task not in ("train", "profile"):
+            raise BadInputError(f"task: invalid value {self.task!r}; valid values are train, profile")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -1,4 +1,4 @@
-"""What `memwise train --nproc N --strategy S` does: launch torchrun, or be one rank under it."""
+"""What `memwise train|profile --nproc N --strategy S` does: launch torchrun, or be one rank under it."""
 
 import os
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Any
 from memwise.core.recipe import Recipe
 from memwise.distributed.config import DistributedTrainConfig
 from memwise.distributed.launch import launch_train
-from memwise.distributed.result import DistributedTrainResult
+from memwise.distributed.result import DistributedProfile, DistributedTrainResult
 from memwise.distributed.worker import run_rank
 
 
@@ -31,6 +31,20 @@ def train_distributed(
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir is not None else None, checkpoint_every=checkpoint_every,
         result_path=str(result_path) if result_path is not None else None,
     )
+    return _run_or_launch(config, nproc)
+
+
+def profile_distributed(
+    spec: str, args: dict[str, Any], recipe: Recipe, steps: int, *, nproc: int, strategy: str, device: str,
+) -> DistributedProfile | None:
+    """Measures `steps` training steps on every rank (DDP or FSDP2); returns the profile in the
+    process that reports it (rank 0, or the launcher), else None. Launches like `train_distributed`."""
+    config = DistributedTrainConfig(spec=spec, args=args, recipe=recipe, steps=steps, measure_steps=steps, strategy=strategy,
+                                    device=device.split(":")[0], task="profile")
+    return _run_or_launch(config, nproc)
+
+
+def _run_or_launch(config: DistributedTrainConfig, nproc: int) -> DistributedTrainResult | DistributedProfile | None:
     if under_torchrun():
         return run_rank(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     return launch_train(config, nproc)
@@ -38,5 +52,9 @@ def train_distributed(
 
 def summary(result: DistributedTrainResult) -> str:
     """One line: steps, final loss, and each rank's peak."""
-    peaks = ", ".join(f"rank {r.rank} {r.peak_bytes / 2**20:.2f} MiB" for r in result.ranks)
-    return f"{result.steps_done} steps on {result.nproc} ranks ({result.strategy}), final loss {result.loss_history[-1]:.4f}; peak {peaks}"
+    return f"{result.steps_done} steps on {result.nproc} ranks ({result.strategy}), final loss {result.loss_history[-1]:.4f}; {rank_peaks(result)}"
+
+
+def rank_peaks(result: DistributedTrainResult | DistributedProfile) -> str:
+    """`peak rank 0 X MiB, rank 1 Y MiB, ...`: each rank's measured peak."""
+    return "peak " + ", ".join(f"rank {r.rank} {r.peak_bytes / 2**20:.2f} MiB" for r in result.ranks)

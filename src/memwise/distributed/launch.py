@@ -14,7 +14,7 @@ from pathlib import Path
 from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError, MemwiseError
 from memwise.distributed.config import DistributedTrainConfig
-from memwise.distributed.result import DistributedTrainResult
+from memwise.distributed.result import DistributedProfile, DistributedTrainResult
 from memwise.distributed.worker import error_path
 
 
@@ -52,8 +52,9 @@ def torchrun_command(config_path: Path, nproc: int) -> list[str]:
 
 def launch_train(
     config: DistributedTrainConfig, nproc: int, *, log: Callable[[str], None] | None = None,
-) -> DistributedTrainResult:
-    """Runs `config` on `nproc` ranks of this machine through torchrun and returns rank 0's result.
+) -> DistributedTrainResult | DistributedProfile:
+    """Runs `config` on `nproc` ranks of this machine through torchrun and returns rank 0's result
+    (a `DistributedProfile` when `config.task` is `profile`).
 
     Worker output goes to `log` (default: this process's stderr), never to stdout. When a rank
     fails, torchrun stops the others; this raises `RankFailedError` naming the first failed rank
@@ -88,7 +89,8 @@ def launch_train(
             _stop_group(process)  # torchrun reaps its workers; this catches any left behind
         if returncode != 0 or not result_path.exists():
             raise _failure(config, nproc, "".join(lines), returncode)
-        return DistributedTrainResult.from_dict(json.loads(result_path.read_text()))
+        result_type = DistributedProfile if config.task == "profile" else DistributedTrainResult
+        return result_type.from_dict(json.loads(result_path.read_text()))
 
 
 def _relay(stream, lines: list[str], log: Callable[[str], None]) -> None:

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any
 
 from memwise.core.serialize import from_dict, to_dict
+from memwise.measure.profile import Profile
 from memwise.train.runner import TrainResult
 
 
@@ -29,8 +30,8 @@ class RankMemory:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DistributedTrainResult(TrainResult):
-    """A `TrainResult` for rank 0 (loss averaged over the ranks), plus every rank's memory.
+class PerRankFields:
+    """What a distributed result adds to rank 0's single-process fields.
 
     Attributes:
         nproc: the number of ranks (the world size).
@@ -44,9 +45,25 @@ class DistributedTrainResult(TrainResult):
     ranks: tuple[RankMemory, ...]
     per_rank_peak_bytes: tuple[int, ...]
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedTrainResult(TrainResult, PerRankFields):
+    """A `TrainResult` for rank 0 (loss averaged over the ranks), plus every rank's memory (`PerRankFields`)."""
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DistributedTrainResult":
         return from_dict(cls, data, where="distributed train result")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedProfile(Profile, PerRankFields):
+    """A `Profile` of rank 0 (what `memwise profile` gives for one process), plus every rank's
+    memory (`PerRankFields`).
+
+    `batch_size` and `recipe` are the global ones (each rank runs `batch_size / nproc` samples);
+    `steps` counts the measured optimizer steps. The measured region also holds the wrap (DDP's
+    gradient buckets, FSDP2's shards), as in a distributed training run.
+    """

@@ -1,4 +1,4 @@
-"""One rank of `memwise train --nproc N --strategy S`, started by torchrun.
+"""One rank of `memwise train|profile --nproc N --strategy S`, started by torchrun.
 
 `python -m memwise.distributed CONFIG.json` (what `launch_train` runs under torchrun), or
 `memwise train ... --strategy S` typed after a torchrun command (multi-node): both call `run_rank`.
@@ -20,8 +20,8 @@ from memwise.core.recipe import Mode
 from memwise.core.step import StepRunner, resolve_recipe
 from memwise.core.workload import Workload, split_batch
 from memwise.distributed.config import DistributedTrainConfig, DistStrategy
-from memwise.distributed.result import DistributedTrainResult, RankMemory
-from memwise.distributed.wrap import wrap_model
+from memwise.distributed.result import DistributedProfile, DistributedTrainResult, RankMemory
+from memwise.distributed.wrap import sync_module_states, wrap_model
 from memwise.measure.observer import StepObserver
 from memwise.measure.tracker import persistent_tensors, record_steps
 from memwise.report.atomic import write_atomic, write_atomic_with
@@ -72,8 +72,10 @@ def error_path(result_path: str | None, rank: int) -> Path | None:
     return Path(f"{result_path}.rank{rank}.error.json") if result_path else None
 
 
-def run_rank(config: DistributedTrainConfig, rank: int, world_size: int, local_rank: int) -> DistributedTrainResult | None:
-    """Runs this rank's part of the distributed training run; returns the result on rank 0, else None.
+def run_rank(
+    config: DistributedTrainConfig, rank: int, world_size: int, local_rank: int,
+) -> DistributedTrainResult | DistributedProfile | None:
+    """Runs this rank's part of the distributed run (`config.task`); returns the result on rank 0, else None.
 
     Every rank builds the same workload (same seed, same initial weights), draws the same global
     batch from `make_batch` and keeps its own slice, so the ranks together see the batch a single
@@ -98,7 +100,9 @@ def run_rank(config: DistributedTrainConfig, rank: int, world_size: int, local_r
         dist.destroy_process_group()
 
 
-def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: torch.device) -> DistributedTrainResult | None:
+def _run(
+    config: DistributedTrainConfig, rank: int, world_size: int, device: torch.device,
+) -> DistributedTrainResult | DistributedProfile | None:
     workload = load_workload(config.spec, config.args)
     recipe = resolve_recipe(workload, config.recipe)
     local_recipe = rank_recipe(recipe, world_size)
@@ -114,7 +118,7 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
     def run_step(step: int, marker: Any) -> None:
         if step == 0:  # the wrap and the optimizer, inside the profiled region
             persistent.clear()  # logged already; holding the tensors would keep FSDP's unsharded originals alive
-            state["wrapped"] = wrapped = wrap_model(model, config.strategy, device, world_size)
+            state["wrapped"] = wrapped = wrap_model(model, config.strategy, device, world_size, init_sync=False)
             observer = StepObserver(wrapped, local_storage_key)
             observer.marker = marker
             marker("claim", "param", [(local_storage_key(p), None) for p in wrapped.parameters()])
@@ -126,6 +130,8 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
         state["observer"].marker, state["observer"].step = marker, step - 1
         losses.append(state["runner"].step(state["runner"].make_batch()))
 
+    if config.strategy == DistStrategy.DDP:
+        sync_module_states(model)  # DDP's own broadcast, before the measured region (see sync_module_states)
     measured = min(config.measure_steps, config.steps)
     log, step_ms = record_steps(run_step, model, persistent, mode="train", steps=measured + 1, device=device)
     wrapped = state["wrapped"]
@@ -159,12 +165,18 @@ def _run(config: DistributedTrainConfig, rank: int, world_size: int, device: tor
     if rank != 0:
         return None
     ranks = tuple(sorted(gathered, key=lambda item: item.rank))
-    result = DistributedTrainResult(
-        steps_done=config.steps, oom_events=(), final_recipe=recipe, peak_bytes=memory.peak_bytes,
-        loss_history=tuple(float(loss) for loss in mean_losses.tolist()), memory=(),
-        nproc=world_size, strategy=config.strategy.value, ranks=ranks,
-        per_rank_peak_bytes=tuple(item.peak_bytes for item in ranks),
-    )
+    per_rank = {"nproc": world_size, "strategy": config.strategy.value, "ranks": ranks,
+                "per_rank_peak_bytes": tuple(item.peak_bytes for item in ranks)}
+    if config.task == "profile":
+        result = DistributedProfile(
+            workload=workload.name, mode=Mode.TRAIN, batch_size=recipe.batch_size, recipe=recipe, device=str(device),
+            torch_version=torch.__version__, steps=measured, **breakdown.breakdown_fields(), step_ms=memory.step_ms, **per_rank,
+        )
+    else:
+        result = DistributedTrainResult(
+            steps_done=config.steps, oom_events=(), final_recipe=recipe, peak_bytes=memory.peak_bytes,
+            loss_history=tuple(float(loss) for loss in mean_losses.tolist()), memory=(), **per_rank,
+        )
     if config.result_path:
         write_atomic(config.result_path, json.dumps(result.to_dict()).encode())
     return result
@@ -296,12 +308,17 @@ def _copy_out_end(events: list[Any], index: int, fsdp_groups: list[list[int]]) -
 
 
 def _claim_live_at_end(log: Any, category: str) -> None:
-    """Claims the blocks still live, and unclaimed, at the end of the log as `category`."""
+    """Claims the blocks still live, and unclaimed, at the end of the log as `category`.
+
+    A claim is of the block live at its key then: a block allocated later at the same address (DDP's
+    rebuilt bucket where the first bucket was, its free unseen on gloo's thread) is a new, unclaimed one.
+    """
     live: dict[Any, int] = {}
     claimed: set[Any] = set()
     for index, event in enumerate(log.events):
         if event[0] == "alloc":
             live[event[1]] = index
+            claimed.discard(event[1])
         elif event[0] == "free":
             live.pop(event[1], None)
         elif event[0] == "claim":
