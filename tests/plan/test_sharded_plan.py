@@ -79,3 +79,11 @@ def test_bad_arguments_name_the_argument(workload):
         memwise.plan(workload, 2**30, effective_batch_size=BATCH, nproc=2, strategy="zero3")
     with pytest.raises(BadInputError, match="nproc"):
         memwise.plan(workload, 2**30, effective_batch_size=BATCH, nproc=0)
+
+
+def test_precisions_the_distributed_runner_cannot_train_are_not_searched(workload):
+    planner = Planner(workload, effective_batch_size=BATCH, nproc=NPROC, strategy="fsdp")
+    assert all(c.recipe.precision.value != "bf16-weights" for c in planner.candidates)
+    assert any("bf16-weights was not searched" in note for note in planner.notes)
+    with pytest.raises(BadInputError, match="allow.*precision"):
+        Planner(workload, effective_batch_size=BATCH, nproc=NPROC, strategy="fsdp", allow={"precision": ["bf16-weights"]})

@@ -212,6 +212,11 @@ class Planner:
                                  has_optimizer_factory=workload.optimizer_factory is not None)
         # micro-batches divide the per-rank batch; candidates keep the global batch (see rank_recipe)
         self.axes = search_axes(self.base.replace(batch_size=batch // nproc), context, allow=allow)
+        self.notes: list[str] = []
+        if nproc > 1 and _without_unsupported_precisions(self.axes) != self.axes:
+            self.axes = _without_unsupported_precisions(self.axes)
+            self.notes.append("bf16-weights was not searched: memwise's distributed runner cannot train with it yet "
+                              "(its ranks fail on mixed bf16/fp32 matmuls)")
         self.candidates = list(candidates(self.base, self.axes))
         self.labels = {c.choice: [axis.values[i].label for axis, i in zip(self.axes, c.choice)] for c in self.candidates}
         self._estimates: dict[Recipe, Estimate | None] = {}
@@ -219,7 +224,6 @@ class Planner:
         self._time_model = time_model
         self._order: list[Candidate] | None = None
         self._search_notes: list[str] = []
-        self.notes: list[str] = []
 
     @property
     def effective_batch_size(self) -> int:
@@ -479,6 +483,21 @@ class Planner:
 
 
 STRATEGIES = ("ddp", "fsdp")
+# Precisions memwise's distributed runner (torchrun ranks) cannot train with.
+UNSUPPORTED_DISTRIBUTED_PRECISIONS = ("bf16-weights",)
+
+
+def _without_unsupported_precisions(axes: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The axes without precisions that distributed ranks cannot run; an error if none is left."""
+    kept = []
+    for axis in axes:
+        if axis.name == "precision":
+            axis = dataclasses.replace(axis, values=tuple(v for v in axis.values if v.label not in UNSUPPORTED_DISTRIBUTED_PRECISIONS))
+            if not axis.values:
+                raise BadInputError(f"allow: with nproc above 1 precision must allow a value other than "
+                                    f"{', '.join(UNSUPPORTED_DISTRIBUTED_PRECISIONS)} (e.g. fp32 or bf16)")
+        kept.append(axis)
+    return tuple(kept)
 
 
 def _check_strategy(nproc: int, strategy: str | None) -> str | None:
