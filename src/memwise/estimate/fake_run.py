@@ -37,6 +37,7 @@ from memwise.measure.tracker import ModuleMarks, module_names, persistent_tensor
 
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+_CPU_KERNEL = torch._C.DispatchKey.CPU
 _ADD = torch.ops.aten.add.Tensor
 
 
@@ -139,10 +140,11 @@ class FakeAllocations(TorchDispatchMode):
             if self.phase in ("optimizer", "idle"):
                 return 1.0 if args[0].dtype.is_floating_point else 1  # optimizer bookkeeping: value irrelevant
             raise self._error(func, "reads a tensor's value (.item() / int() / bool() on a tensor)")
-        if getattr(func, "namespace", None) == "aten" and func.has_kernel_for_dispatch_key(_COMPOSITE):
+        if getattr(func, "namespace", None) == "aten" and _runs_decomposed(func):
             # Outside autograd (inference mode) composite ops such as linear or cross_entropy reach
             # this mode whole; run their decomposition, as the real dispatcher does, so the
-            # intermediates they allocate are seen one by one.
+            # intermediates they allocate are seen one by one. An op that also has a device kernel
+            # (silu_backward) runs that kernel, whose one output and scratch the probe sees.
             with self:
                 output = func.decompose(*args, **kwargs)
             if output is not NotImplemented:
@@ -166,14 +168,15 @@ class FakeAllocations(TorchDispatchMode):
         probed = self.probe.measure(func, args, kwargs, sum(s.nbytes() for _, s in new_storages)) if self.probe else NO_PROBE
         real_sizes = probed.output_storage_bytes if len(probed.output_storage_bytes) == len(leaves) else None
         tagger = self.tagger
-        for position, storage in new_storages:
-            if tagger is not None:
-                tagger.output_block = tagger.block_of_output(func, args, self._known_key, position)
-            # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
-            self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
+        # outputs the real kernel allocates after its internal peak (oneDNN's convolution backward
+        # fills a private weight-gradient buffer, then copies it into the output) are logged after
+        # the scratch, so the peak holds what the real one holds
+        late = set(probed.late_outputs) if real_sizes else set()
+        self._register_outputs(func, args, [item for item in new_storages if item[0] not in late], real_sizes)
         if tagger is not None:
             tagger.output_block = tagger.block_of_output(func, args, self._known_key, None) if probed.scratch_bytes else None
-        if func is _ADD and self.phase == "backward" and new_storages and _same_layout(args[0], leaves[0]) and _owns_storage(args[0]):
+        if (func is _ADD and self.phase == "backward" and new_storages and not late and _same_layout(args[0], leaves[0])
+                and _owns_storage(args[0])):
             self._pending_accumulation = (
                 len(self.log.events) - 1, weakref.ref(args[0].untyped_storage()), self.key_of(args[0]),
                 weakref.ref(leaves[0].untyped_storage()),
@@ -184,7 +187,18 @@ class FakeAllocations(TorchDispatchMode):
             self.log.free(key)
             if tagger is not None:
                 tagger.output_block = None
+        self._register_outputs(func, args, [item for item in new_storages if item[0] in late], real_sizes)
         return output
+
+    def _register_outputs(
+        self, func: Any, args: tuple, storages: list[tuple[int, torch.UntypedStorage]], real_sizes: tuple[int, ...] | None,
+    ) -> None:
+        """Logs the allocation of new output storages (position in the flattened output, storage)."""
+        for position, storage in storages:
+            if self.tagger is not None:
+                self.tagger.output_block = self.tagger.block_of_output(func, args, self._known_key, position)
+            # the real kernel may size an output (e.g. a oneDNN workspace) unlike its fake twin
+            self._register(storage, preexisting=None, nbytes=real_sizes[position] if real_sizes else None)
 
     def _known_key(self, tensor: torch.Tensor) -> int | None:
         """The log key of `tensor`'s storage, None when it is not tracked (never registers it)."""
@@ -212,6 +226,13 @@ def _saved_tensors_on_host(recorder: FakeAllocations) -> contextlib.AbstractCont
             recorder.host_scope = False
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed.clone())
+
+
+def _runs_decomposed(func: Any) -> bool:
+    """Whether the real dispatcher runs `func`'s CompositeImplicitAutograd decomposition: only when
+    no device kernel is registered (the CPU kernel stands for the device's: a CUDA target is traced
+    on CPU fakes, and native ops with a CPU kernel have a CUDA one too)."""
+    return func.has_kernel_for_dispatch_key(_COMPOSITE) and not func.has_kernel_for_dispatch_key(_CPU_KERNEL)
 
 
 def _owns_storage(tensor: torch.Tensor) -> bool:

@@ -29,13 +29,17 @@ class ProbeResult:
     """What one op allocated for real.
 
     Attributes:
-        scratch_bytes: bytes held above the op's outputs at its internal peak.
+        scratch_bytes: bytes held above the op's outputs allocated so far at its internal peak.
         output_storage_bytes: storage bytes of each tensor in the flattened output, as the real
             kernel sized it (a oneDNN workspace can be larger than its fake twin), or () if unknown.
+        late_outputs: positions in the flattened output whose storage the kernel allocated after
+            its internal peak (oneDNN's convolution backward computes the weight gradient in a
+            private buffer and copies it into the output at the end).
     """
 
     scratch_bytes: int
     output_storage_bytes: tuple[int, ...]
+    late_outputs: tuple[int, ...] = ()
 
 
 NO_PROBE = ProbeResult(scratch_bytes=0, output_storage_bytes=())
@@ -115,7 +119,7 @@ class OpProbe:
         k = min(batch // 2, int(self.max_probe_bytes * batch / (2 * operand_bytes)))
         if batch < 3 or k < 1:
             return None
-        scratch, sizes = [], []
+        scratch, sizes, late = [], [], []
         for small in (k, 2 * k):
             shrunk = list(args)
             for position in carriers:
@@ -127,11 +131,15 @@ class OpProbe:
                 return None
             scratch.append(result.scratch_bytes)
             sizes.append(result.output_storage_bytes)
+            late.append(result.late_outputs)
         self.probed += 2
         per_k = max(scratch[1] - scratch[0], 0)
         # the real kernel's output sizes (a oneDNN workspace can differ from its fake twin), extended alike
         outputs = tuple(one + (two - one) * (batch - k) // k for one, two in zip(*sizes)) if len(sizes[0]) == len(sizes[1]) else ()
-        return ProbeResult(scratch_bytes=max(scratch[0] + per_k * (batch - k) // k, 0), output_storage_bytes=outputs)
+        return ProbeResult(
+            scratch_bytes=max(scratch[0] + per_k * (batch - k) // k, 0), output_storage_bytes=outputs,
+            late_outputs=late[0] if late[0] == late[1] else (),
+        )
 
     def _unmodelled(self, func: Any, args: tuple, kwargs: dict, output_bytes: int) -> None:
         operand_bytes = output_bytes + sum(_tensor_bytes(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
@@ -238,11 +246,27 @@ def _measure_real(func: Any, real_args: tuple, real_kwargs: dict) -> ProbeResult
     with profiling_memory(_CPU) as prof:  # grad mode as the caller had it: some kernels check it
         output = func(*real_args, **real_kwargs)
     running = peak = 0
-    for _, _, event in allocation_events(prof, _CPU, with_marks=False):
-        running += event.extra_fields.alloc_size
-        peak = max(peak, running)
-    sizes = tuple(
-        value.untyped_storage().nbytes() if isinstance(value, torch.Tensor) else 0 for value in tree_flatten(output)[0]
-    )
-    del output
-    return ProbeResult(scratch_bytes=max(0, peak - running), output_storage_bytes=sizes)
+    allocated_at: dict[int, int] = {}  # address -> index of its latest allocation
+    peak_index = -1
+    for index, (_, _, event) in enumerate(allocation_events(prof, _CPU, with_marks=False)):
+        fields = event.extra_fields
+        running += fields.alloc_size
+        if fields.alloc_size > 0:
+            allocated_at[fields.ptr] = index
+        if running > peak:
+            peak, peak_index = running, index
+    leaves = tree_flatten(output)[0]
+    sizes = tuple(value.untyped_storage().nbytes() if isinstance(value, torch.Tensor) else 0 for value in leaves)
+    late, early_bytes, seen = [], 0, set()
+    for position, value in enumerate(leaves):
+        if not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() in seen:
+            continue
+        address = value.untyped_storage().data_ptr()
+        seen.add(address)
+        if allocated_at.get(address, -1) > peak_index:
+            late.append(position)
+        elif address in allocated_at:
+            early_bytes += sizes[position]
+    del output, leaves
+    scratch = peak - early_bytes if late else peak - running
+    return ProbeResult(scratch_bytes=max(0, scratch), output_storage_bytes=sizes, late_outputs=tuple(late))
