@@ -18,6 +18,7 @@ import copy
 import io
 import os
 import pickle
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 
 from memwise.core.errors import BadInputError
 from memwise.report.atomic import write_atomic
+from memwise.workloads.registry import USER_MODULE_PREFIX, import_user_file
 
 FORMAT_TAG = "memwise-compressed-model"
 FORMAT_VERSION = 1
@@ -55,7 +57,7 @@ def serialize(model: nn.Module, *, sparse: bool = False, metadata: dict[str, Any
         "version": FORMAT_VERSION,
         "module": module,
         "sparse": sparse_weights,
-        "metadata": dict(metadata or {}),
+        "metadata": {**dict(metadata or {}), "source_files": user_sources(model)},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer, pickle_module=_pickle_module)
@@ -99,6 +101,13 @@ def deserialize(data: bytes, *, where: str = "model bytes") -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)
         try:
             payload = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+        except BadInputError:
+            raise
+        except ModuleNotFoundError as error:
+            raise BadInputError(
+                f"load_compressed: {where} needs the Python module {error.name!r}, which is not importable here "
+                f"(the model's classes are defined there); install it or add its directory to PYTHONPATH, then load again"
+            ) from error
         except Exception as error:
             raise BadInputError(f"load_compressed: {where} is not a readable torch file ({type(error).__name__}: {error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
@@ -149,8 +158,60 @@ def _rebuild_module(cls: type[nn.Module], state: Any) -> nn.Module:
     return module
 
 
+def user_source(obj: Any) -> tuple[str, str, str] | None:
+    """(module name, source file, qualified name) of a class or function defined in a user workload file.
+
+    Such files are imported under a synthetic module name (`memwise_user_<sha256 of the path>`) that
+    no other process can import by name, so these objects are pickled by reference to their file.
+    """
+    if not isinstance(obj, (type, types.FunctionType)):
+        return None
+    module_name = getattr(obj, "__module__", None) or ""
+    qualname = getattr(obj, "__qualname__", "")
+    if not module_name.startswith(USER_MODULE_PREFIX) or "<locals>" in qualname:
+        return None
+    source_file = getattr(sys.modules.get(module_name), "__file__", None)
+    if source_file is None:
+        return None
+    return module_name, str(Path(source_file).resolve()), qualname
+
+
+def user_sources(model: nn.Module) -> dict[str, str]:
+    """{module name: source file} of the user workload files whose classes `model` is built from."""
+    sources = {}
+    for submodule in model.modules():
+        source = user_source(type(submodule))
+        if source is not None:
+            sources[source[0]] = source[1]
+    return sources
+
+
+def _user_object(module_name: str, source_file: str, qualname: str) -> Any:
+    """Unpickles a class or function of a user workload file, importing the file when needed."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        if not Path(source_file).is_file():
+            raise BadInputError(
+                f"load_compressed: the model's class {qualname!r} is defined in {source_file!r}, which no longer exists; "
+                "put that file back at that path (the model is loaded from it) and load again"
+            )
+        try:
+            module = import_user_file(source_file)
+        except Exception as error:
+            raise BadInputError(
+                f"load_compressed: importing {source_file!r} (which defines the model's class {qualname!r}) failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    value: Any = module
+    for part in qualname.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            raise BadInputError(f"load_compressed: {source_file!r} no longer defines {qualname!r}, which the saved model needs")
+    return value
+
+
 class _Pickler(pickle.Pickler):
-    """Pickles torch.ao quantized convolutions so that they unpickle.
+    """Pickles torch.ao quantized convolutions so that they unpickle, and user-file classes by file.
 
     Their `__getstate__`/`__setstate__` keep only the conv's own fields, and plain unpickling skips
     `nn.Module.__init__`, so the reloaded module lacks `_modules` and fails on its first use. They
@@ -160,6 +221,9 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         from torch.ao.nn.quantized.modules.conv import _ConvNd
 
+        source = user_source(obj)
+        if source is not None:
+            return _user_object, source
         if isinstance(obj, _ConvNd):
             return _rebuild_module, (type(obj), obj.__getstate__())
         return NotImplemented

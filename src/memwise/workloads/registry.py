@@ -7,10 +7,12 @@ keyword arguments, checked against its signature.
 """
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 
 from memwise.core.errors import WorkloadError
 from memwise.core.workload import Workload
+
+USER_MODULE_PREFIX = "memwise_user_"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,6 +147,31 @@ def _built(build: Callable[[], Any], spec: str, materialize: bool) -> Workload:
     return workload
 
 
+def user_module_name(path: str | os.PathLike[str]) -> str:
+    """The module name a user workload file is imported under: stable across processes and runs.
+
+    Derived from the resolved file path with sha256 (not `hash()`, which is salted per process), so
+    a model whose classes live in that file can be unpickled in a later process (see
+    `memwise.compress.load`).
+    """
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return f"{USER_MODULE_PREFIX}{digest}"
+
+
+def import_user_file(path: str | os.PathLike[str]) -> Any:
+    """Imports (executes afresh) a user workload file under `user_module_name(path)` and returns the module."""
+    module_name = user_module_name(path)
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
 def _load_function(spec: str) -> Callable[..., Any]:
     location, _, function_name = spec.rpartition(":")
     if not function_name:
@@ -151,14 +180,9 @@ def _load_function(spec: str) -> Callable[..., Any]:
         path = Path(location)
         if not path.is_file():
             raise WorkloadError(f"workload spec {spec!r}: file {location!r} does not exist")
-        module_name = f"memwise_user_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
         try:
-            module_spec.loader.exec_module(module)
+            module = import_user_file(path)
         except Exception as error:
-            del sys.modules[module_name]
             raise WorkloadError(f"workload spec {spec!r}: importing {location!r} failed: {type(error).__name__}: {error}") from error
     else:
         try:
