@@ -45,7 +45,7 @@ def test_help_is_fast():
 
 def test_lazy_help_lists_what_click_would_list_with_every_command_imported():
     lazy = CliRunner().invoke(main, ["--help"])
-    eager = click.Group("main", help=main.help, params=main.params, context_settings=main.context_settings)
+    eager = click.Group("main", help=main.help, epilog=main.epilog, params=main.params, context_settings=main.context_settings)
     for name, target in COMMANDS.items():
         module_name, attribute = target.split(":")
         command = getattr(importlib.import_module(module_name), attribute)

@@ -7,6 +7,7 @@ from their modules' source (the command function's docstring) without importing 
 import ast
 import importlib
 import importlib.util
+import textwrap
 from typing import Any
 
 import click
@@ -42,7 +43,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy_commands and name not in self.commands:
             module_name, attribute = self.lazy_commands[name].split(":")
-            self.add_command(getattr(importlib.import_module(module_name), attribute), name)
+            self.add_command(example_last(getattr(importlib.import_module(module_name), attribute)), name)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -80,6 +81,21 @@ def _docstring_summary(target: str) -> str | None:
     return None
 
 
+def example_last(command: click.Command) -> click.Command:
+    """Moves the worked example of a command's docstring after its options, so `--help` ends with it."""
+    help_text = command.help or ""
+    start = help_text.find("Example")
+    if start == -1 or command.epilog:
+        return command
+    before = help_text[:start].rstrip()
+    if before.endswith("\b"):  # click's no-rewrap marker belongs to the example block
+        before = before[:-2].rstrip()
+    first, _, rest = help_text[start:].partition("\n")
+    command.help = before
+    command.epilog = "\b\n" + first.strip() + "\n" + textwrap.indent(textwrap.dedent(rest).strip("\n"), "  ")
+    return command
+
+
 def _shorten(text: str, limit: int) -> str:
     # click's rule for a command's short help: the first sentence if it fits, else cut at a word
     if text.find(". ") != -1:
@@ -105,6 +121,9 @@ def main() -> None:
     Example:
       memwise profile digits-cnn --batch-size 64 --verify
     """
+
+
+example_last(main)
 
 
 if __name__ == "__main__":
