@@ -27,8 +27,9 @@ TARGET_CHOICES = ("onnx", "torch-export", "torchscript")
 def export_command(spec_or_model_path, target, out, static_batch, opset, force, args, input_shapes, output_format):
     """Export SPEC_OR_MODEL_PATH and prove the export: run it against eager PyTorch.
 
-    SPEC_OR_MODEL_PATH is a workload (digits-cnn, minilm, hf:gpt2, file.py:function) or a file
-    written by torch.save(model) with --input-shape. The artifact runs on random inputs and on the
+    SPEC_OR_MODEL_PATH is a workload (digits-cnn, minilm, hf:gpt2, file.py:function), a file
+    written by torch.save(model), or a memwise compress output (its --out directory or model.pt),
+    with --input-shape. The artifact runs on random inputs and on the
     workload's real batches at batch sizes 1 and 7; the table shows the maximum absolute
     difference, file size and latency of eager and exported side by side. The batch axis stays
     dynamic unless --static-batch. TorchScript is deprecated upstream: use torch-export or onnx.
@@ -45,7 +46,7 @@ def export_command(spec_or_model_path, target, out, static_batch, opset, force, 
     from memwise.export.load import load_model_file
 
     model_path = Path(spec_or_model_path)
-    if model_path.is_file() and model_path.suffix not in (".py",):
+    if (model_path.is_file() and model_path.suffix not in (".py",)) or model_path.is_dir():
         if not input_shapes:
             raise BadInputError(f"--input-shape: a model file ({model_path}) needs the shape of its input, e.g. --input-shape 1,1,28,28")
         subject = load_model_file(model_path)

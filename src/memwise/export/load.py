@@ -50,6 +50,11 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True) -> Any:
         return load_safetensors(path, mmap=mmap)
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    except ModuleNotFoundError as error:
+        raise BadInputError(
+            f"model file {path}: the model's classes come from the Python module {error.name!r}, which is not importable "
+            "here; install it or add its directory to PYTHONPATH (or run from the directory the model was saved from)"
+        ) from error
     except Exception as error:
         raise BadInputError(
             f"model file {path}: cannot be read by torch.load ({type(error).__name__}: {str(error)[:200]}); "
@@ -145,8 +150,22 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 
 
 def load_model_file(path: str | os.PathLike[str]) -> torch.nn.Module:
-    """A whole model saved with `torch.save(model)` (mapped, not read)."""
+    """A whole model saved with `torch.save(model)` (mapped, not read), or a `memwise compress` output.
+
+    Args:
+        path: a `torch.save(model)` file, a compressed `model.pt`, or the `--out` directory of
+            `memwise compress` (both read with `memwise.load_compressed`).
+    """
+    from memwise.compress.load import FORMAT_TAG, MODEL_FILE, load_compressed
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise BadInputError(f"model path {path}: a directory, but not a memwise compress output (no {MODEL_FILE} in it)")
+        return load_compressed(path)
     loaded = load(path, mmap=True)
+    if isinstance(loaded, Mapping) and loaded.get("format") == FORMAT_TAG:
+        return load_compressed(path)
     if not isinstance(loaded, torch.nn.Module):
         kind = "a state dict" if isinstance(loaded, Mapping) else type(loaded).__name__
         raise BadInputError(
