@@ -1,6 +1,7 @@
 """`export`: write a model as ONNX, torch.export or TorchScript and prove it matches eager PyTorch."""
 
 import contextlib
+import inspect
 import os
 import statistics
 import time
@@ -11,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from memwise.core.checks import positive_int
 from memwise.core.errors import BadInputError, MemwiseError
@@ -89,8 +91,10 @@ def export(
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         raise BadInputError(f"tolerance: expected a non-negative number, got {tolerance!r}")
     model, source, name = source_for(model_or_workload, example_inputs)
-    with _eval(model):
+    notes: list[str] = []
+    with _eval(model), _without_kv_cache(model, notes):
         trace_inputs = source.real(TRACE_BATCH_SIZE if dynamic_batch else 1)
+        model = _tensor_outputs(model, trace_inputs, notes)
         dynamic_shapes = _batch_dynamic_shapes(trace_inputs) if dynamic_batch and target is not ExportTarget.TORCHSCRIPT else None
         _write(target, model, trace_inputs, path, dynamic_shapes, opset)
         run_exported = TARGETS[target].load(path, model)
@@ -99,7 +103,8 @@ def export(
         latency_ms = _latency(model, run_exported, timing_inputs)
     size_bytes = path.stat().st_size
     max_abs_diff = max(check.max_abs_diff for check in checks)
-    notes = [torchscript_target.DEPRECATION_NOTE] if target is ExportTarget.TORCHSCRIPT else []
+    if target is ExportTarget.TORCHSCRIPT:
+        notes.append(torchscript_target.DEPRECATION_NOTE)
     return ExportResult(
         path=str(path), target=target, size_bytes=size_bytes, max_abs_diff=max_abs_diff,
         batch_sizes_checked=tuple(batch_sizes), latency_ms=latency_ms, dynamic_batch=dynamic_batch,
@@ -139,6 +144,58 @@ def _eval(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: torch.nn.Module, notes: list[str]) -> Iterator[None]:
+    """Exports a model with `config.use_cache` (transformers decoders) without its KV cache.
+
+    A cache object (DynamicCache) is not a tensor output that ONNX or torch.export can return, and
+    inference of one forward does not need it; the setting is restored afterwards.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    notes.append("exported with config.use_cache=False: the outputs hold no KV cache (one forward, inference outputs only)")
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+class _TensorOutputsOf(torch.nn.Module):
+    """Calls `model` and returns only the tensors of its output, in pytree order (drops None, caches...)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(flat_outputs(self.model(*args, **kwargs)))
+
+
+def _tensor_outputs(model: torch.nn.Module, inputs: ModelInputs, notes: list[str]) -> torch.nn.Module:
+    """`model`, or a wrapper returning only its output tensors when its output holds other objects.
+
+    The wrapper keeps the model's forward signature, so inputs and dynamic shapes bind by name.
+    """
+    try:
+        output = inputs.call(model)
+    except Exception:  # the exporter reports the failure with the operator and module
+        return model
+    dropped = sorted({type(leaf).__name__ for leaf in tree_leaves(output) if leaf is not None and not isinstance(leaf, torch.Tensor)})
+    if not dropped:
+        return model
+    wrapper_class = type(f"TensorOutputsOf{type(model).__name__}", (_TensorOutputsOf,), {})
+    forward = lambda self, *args, **kwargs: _TensorOutputsOf.forward(self, *args, **kwargs)  # noqa: E731
+    signature = inspect.signature(model.forward)
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self_parameter, *signature.parameters.values()])
+    wrapper_class.forward = forward
+    notes.append(f"exported the output tensors only: dropped non-tensor outputs of type {', '.join(dropped)}")
+    return wrapper_class(model).eval()
 
 
 def _batch_dynamic_shapes(inputs: ModelInputs) -> object:
