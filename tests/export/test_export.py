@@ -133,7 +133,7 @@ def test_unsupported_operator_is_named_with_its_module(tmp_path):
 def test_existing_output_is_refused_without_force(tmp_path):
     path = tmp_path / "model.pt2"
     path.write_bytes(b"keep me")
-    with pytest.raises(BadInputError, match="already exists.*--force"):
+    with pytest.raises(BadInputError, match="already exists.*force=True"):
         export(digits_cnn(), "torch-export", path)
     assert path.read_bytes() == b"keep me"
     assert export(digits_cnn(), "torch-export", path, force=True).size_bytes > 1000

@@ -55,6 +55,8 @@ def export_command(spec_or_model_path, target, out, static_batch, opset, force, 
         if input_shapes:
             raise BadInputError("--input-shape: only for a model file; a workload spec makes its own batches")
         subject, example = load_spec(spec_or_model_path, args), None
+    if out.exists() and not force:
+        raise BadInputError(f"--out: {out} already exists; pass --force to overwrite it")
     result = export(subject, target, out, dynamic_batch=not static_batch, example_inputs=example, opset=opset, force=force)
     if output_format == "json":
         emit_json(result.to_dict())

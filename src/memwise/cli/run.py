@@ -35,6 +35,7 @@ def run_command(spec, budget, where, batch_size, device, args, output_format):
     budget_bytes = parse_size(budget, name="--budget")
     if batch_size is not None and batch_size <= 0:
         raise BadInputError(f"--batch-size: must be a positive integer, got {batch_size}")
+    _check_offload(where, device)
     result = run_in_budget(load_spec(spec, args), budget_bytes, where=where, batch_size=batch_size, device=device)
     if output_format == "json":
         emit_json(result.to_dict())
@@ -51,3 +52,20 @@ def run_command(spec, budget, where, batch_size, device, args, output_format):
     ]
     print_key_value_table(f"{result.workload}, batch {result.batch_size}, in {format_bytes(result.budget_bytes)}", rows,
                           markdown=output_format == "markdown")
+
+
+def _check_offload(where, device) -> None:
+    """Refuses --offload cpu for CPU compute here, so the message names the CLI options."""
+    import torch
+
+    from memwise.core.errors import BadInputError
+
+    try:
+        compute = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"--device: cannot read {device!r}; use cpu or cuda[:N]") from None
+    if where == "cpu" and compute.type == "cpu":
+        raise BadInputError(
+            "--offload cpu: keeps the offloaded weights in host memory, which is the compute memory of a CPU run "
+            f"(compute device: {compute}); use --offload disk (the default on CPU), or --device cuda on a machine with CUDA"
+        )

@@ -129,7 +129,7 @@ def _output_path(path: Any, force: bool) -> Path:
     if path.is_dir():
         raise BadInputError(f"path: {path} is a directory; give a file name such as {path / 'model.onnx'}")
     if path.exists() and not force:
-        raise BadInputError(f"path: {path} already exists; pass --force (force=True) to overwrite it")
+        raise BadInputError(f"path: {path} already exists; pass force=True to overwrite it")
     if not path.parent.is_dir():
         raise BadInputError(f"path: the directory {path.parent} does not exist")
     return path
