@@ -40,10 +40,14 @@ def _trained_state() -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def tiny(no_evaluate: bool = False, never_good_enough: bool = False) -> memwise.Workload:
-    """A trained 3-layer classifier (accuracy ~1.0 on held-out data); trained once per process."""
+def tiny(no_evaluate: bool = False, never_good_enough: bool = False, untrained: bool = False) -> memwise.Workload:
+    """A trained 3-layer classifier (accuracy ~1.0 on held-out data); trained once per process.
+
+    With `untrained`, the same workload with the model as constructed (random weights).
+    """
     model = TinyClassifier()
-    model.load_state_dict(_trained_state())
+    if not untrained:
+        model.load_state_dict(_trained_state())
     model.eval()
     x_train, y_train = _data(512, 0)
     x_test, y_test = _data(256, 1)

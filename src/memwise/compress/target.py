@@ -20,6 +20,9 @@ from memwise.core.workload import Workload
 
 # How far above chance the original metric must be for the model to count as trained.
 TRAINED_MARGIN = 0.05
+# How far above the same model re-initialised its metric must be (absolute, and relative to that metric).
+REINIT_MARGIN = 0.1
+REINIT_RELATIVE_MARGIN = 0.25
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +84,7 @@ def target_from_workload(workload: Workload, *, weights: str | os.PathLike[str] 
                 f"workload {workload.name!r}: the model scores {metric:.3f}, at chance level ({float(chance):.3f}); "
                 "it looks untrained. Pass --weights FILE with the state dict of a trained model"
             )
+    _refuse_untrained(workload.name, model, workload.evaluate)
     mode = workload.extras.get("mode")
 
     def make_labeled(batch_size: int) -> tuple[Any, torch.Tensor | None]:
@@ -90,6 +94,35 @@ def target_from_workload(workload: Workload, *, weights: str | os.PathLike[str] 
         return batch, None
 
     return CompressTarget(name=workload.name, model=model, evaluate=workload.evaluate, make_labeled=make_labeled)
+
+
+def _refuse_untrained(name: str, model: nn.Module, evaluate: Callable[[nn.Module], float]) -> None:
+    """Refuses a model whose metric is not clearly better than the same model freshly initialised.
+
+    A copy has `reset_parameters()` called on every module that has one (seed 0, the caller's RNG
+    state untouched) and is evaluated once; the model must beat it by more than
+    `max(REINIT_MARGIN, REINIT_RELATIVE_MARGIN * |re-initialised metric|)`: two random
+    initialisations differ by noise (a random 10-class net scores 0.05 to 0.2 on a small set), a
+    trained model by far more.
+    """
+    fresh = copy.deepcopy(model)
+    resettable = [module for module in fresh.modules() if callable(getattr(module, "reset_parameters", None))]
+    if not resettable:
+        return
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for module in resettable:
+            module.reset_parameters()
+    fresh.eval()
+    metric = float(evaluate(model))
+    baseline = float(evaluate(fresh))
+    margin = max(REINIT_MARGIN, REINIT_RELATIVE_MARGIN * abs(baseline))
+    if not metric > baseline + margin:
+        raise BadInputError(
+            f"workload {name!r}: the model scores {metric:.4g}, not clearly better than the same model with its parameters "
+            f"re-initialised ({baseline:.4g}; it must beat that by more than {margin:.3g}); it looks untrained. "
+            "Pass --weights FILE with the state dict of the trained model, or train it first"
+        )
 
 
 def _read_state_dict(weights: str | os.PathLike[str], model: nn.Module) -> dict[str, torch.Tensor]:
