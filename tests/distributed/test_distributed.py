@@ -65,6 +65,8 @@ def test_per_rank_estimate_is_within_half_a_percent(run):
         assert abs(estimated.peak_bytes / rank.peak_bytes - 1) <= 0.005, (estimated.peak_bytes, run.per_rank_peak_bytes)
         for category in ("param", "optimizer_state", "grad", "activation"):  # the categories agree too
             assert abs(estimated.by_category[category] - rank.by_category[category]) <= 0.005 * rank.peak_bytes, category
+        # A rank holds its own slice of the global batch only (as with a DistributedSampler): exactly.
+        assert rank.by_category["input"] == estimated.by_category["input"], (rank.by_category, estimated.by_category)
 
 
 def test_ddp_estimate_needs_the_bucket(runs):
@@ -162,3 +164,16 @@ def test_profile_nproc_reports_rank_zero_as_one_process_plus_every_rank():
         assert abs(estimate["peak_bytes"] / peak_bytes - 1) <= 0.005, (estimate["peak_bytes"], profile["per_rank_peak_bytes"])
     refused = CliRunner().invoke(main, ["profile", *common, "--nproc", "2", "--verify"])
     assert refused.exit_code == 2 and "--verify" in refused.output
+
+
+def test_rank_slice_owns_only_its_samples():
+    from memwise.distributed.worker import rank_slice
+
+    ids = torch.arange(8 * 16).reshape(8, 16)
+    batch = {"input_ids": ids, "labels": ids.clone(), "mask": torch.ones(16)}  # mask: not batch-sized, shared
+    for rank in range(2):
+        part = rank_slice(batch, rank, 2)
+        assert torch.equal(part["input_ids"], ids[rank * 4:(rank + 1) * 4])
+        for name, tensor in part.items():  # no view of the global batch keeps it alive
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+            assert tensor.untyped_storage().data_ptr() != batch[name].untyped_storage().data_ptr(), name
