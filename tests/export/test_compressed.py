@@ -88,3 +88,11 @@ def test_missing_module_is_named_not_called_corrupt(tmp_path):
 def test_directory_without_model_pt_is_refused(tmp_path):
     with pytest.raises(BadInputError, match="not a memwise compress output"):
         load_model_file(tmp_path)
+
+
+def test_wrong_input_shape_is_reported_as_such_not_as_an_export_failure(outputs, tmp_path):
+    result = CliRunner().invoke(
+        main, ["export", str(outputs["static"]), "--input-shape", "1,1,4,4", "--to", "torchscript", "--out", str(tmp_path / "s.pt")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "fails in eager PyTorch on inputs of shapes [(2, 1, 4, 4)]" in result.stderr and "--input-shape" in result.stderr

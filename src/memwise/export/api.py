@@ -183,8 +183,12 @@ def _tensor_outputs(model: torch.nn.Module, inputs: ModelInputs, notes: list[str
     """
     try:
         output = inputs.call(model)
-    except Exception:  # the exporter reports the failure with the operator and module
-        return model
+    except Exception as error:
+        shapes = [tuple(tensor.shape) for tensor in inputs.tensors()]
+        raise BadInputError(
+            f"example_inputs: the model fails in eager PyTorch on inputs of shapes {shapes} before any export "
+            f"({error_summary(error)}); give inputs it runs on (CLI: --input-shape)"
+        ) from error
     dropped = sorted({type(leaf).__name__ for leaf in tree_leaves(output) if leaf is not None and not isinstance(leaf, torch.Tensor)})
     if not dropped:
         return model
