@@ -177,3 +177,21 @@ def test_rank_slice_owns_only_its_samples():
         for name, tensor in part.items():  # no view of the global batch keeps it alive
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
             assert tensor.untyped_storage().data_ptr() != batch[name].untyped_storage().data_ptr(), name
+
+
+def test_bf16_weights_is_refused_before_any_rank_starts():
+    """bf16-weights patches parameters after DDP/FSDP2 wrapped them (FSDP2 then gathers fp32 weights
+    against bf16 inputs), so a distributed run or estimate with it is refused up front with exit 2."""
+    from click.testing import CliRunner
+
+    from memwise.cli.main import main
+
+    recipe = memwise.Recipe(batch_size=GLOBAL_BATCH, precision="bf16-weights")
+    with pytest.raises(BadInputError, match="--precision: 'bf16-weights' is not supported .* fp32, bf16, fp16"):
+        DistributedTrainConfig(spec=SPEC, args=ARGS, recipe=recipe, steps=1, strategy="fsdp")
+    with pytest.raises(BadInputError, match="bf16-weights"):
+        estimate_per_rank(load_workload(SPEC, ARGS), recipe, 2, "ddp")
+    common = [SPEC, "--arg", "preset=tiny", "--batch-size", str(GLOBAL_BATCH), "--precision", "bf16-weights", "--nproc", "2"]
+    for command in (["train", *common, "--steps", "1", "--strategy", "ddp"], ["estimate", *common, "--strategy", "fsdp"]):
+        refused = CliRunner().invoke(main, command)
+        assert refused.exit_code == 2 and "supported precisions are fp32, bf16, fp16" in refused.output, refused.output

@@ -26,6 +26,18 @@ def coerce_strategy(value: Any) -> DistStrategy:
         raise BadInputError(f"strategy: invalid value {value!r}; valid values are ddp, fsdp") from None
 
 
+# Precisions the ranks can train with: bf16-weights' bf16 parameters and fp32 masters are made by
+# patching the model after DDP/FSDP2 have wrapped it, which leaves FSDP2's gathered weights fp32.
+DISTRIBUTED_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_distributed_precision(recipe: Recipe) -> None:
+    """A BadInputError when `recipe.precision` is one distributed ranks cannot train with."""
+    if recipe.precision.value not in DISTRIBUTED_PRECISIONS:
+        raise BadInputError(f"--precision: {recipe.precision.value!r} is not supported with --nproc/--strategy; "
+                            f"supported precisions are {', '.join(DISTRIBUTED_PRECISIONS)}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedTrainConfig:
     """Everything a rank needs to run its part of `memwise train --nproc N --strategy S`.
@@ -66,6 +78,7 @@ class DistributedTrainConfig:
             raise BadInputError(f"device: invalid value {self.device!r}; valid values are cpu, cuda")
         if self.task not in ("train", "profile"):
             raise BadInputError(f"task: invalid value {self.task!r}; valid values are train, profile")
+        check_distributed_precision(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

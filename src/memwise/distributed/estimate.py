@@ -24,7 +24,7 @@ from memwise.core.checks import positive_int
 from memwise.core.recipe import Recipe
 from memwise.core.step import resolve_recipe
 from memwise.core.workload import Workload
-from memwise.distributed.config import DistStrategy, coerce_strategy
+from memwise.distributed.config import DistStrategy, check_distributed_precision, coerce_strategy
 from memwise.distributed.result import RankMemory
 from memwise.distributed.worker import rank_recipe
 from memwise.distributed.wrap import fsdp_blocks
@@ -108,6 +108,7 @@ def estimate_per_rank(
     positive_int(nproc, "nproc")
     strategy = coerce_strategy(strategy)
     recipe = resolve_recipe(workload, recipe)
+    check_distributed_precision(recipe)
     local = rank_recipe(recipe, nproc)
     single = estimate(workload, local, device, **estimate_kwargs)
     parameters = list({id(p): p for p in workload.model.parameters() if p.requires_grad}.values())
