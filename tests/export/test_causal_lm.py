@@ -51,3 +51,15 @@ def test_non_tensor_outputs_are_dropped_with_a_note(target, tmp_path):
     result = export(_TaggedOutput(), target, tmp_path / "tagged.out", example_inputs=torch.randn(2, 4))
     assert result.passed and result.max_abs_diff == 0.0
     assert any("dropped non-tensor outputs of type str" in note for note in result.notes)
+
+
+def test_encoder_decoder_gets_decoder_inputs_from_labels_and_exports(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16,
+                                   vocab_size=100, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    workload = Workload(model, make_batch=lambda b: {"input_ids": torch.randint(0, 100, (b, 12)), "labels": torch.randint(0, 100, (b, 6))},
+                        name="t5", default_batch_size=2)
+    result = export(workload, "torch-export", tmp_path / "t5.pt2")
+    assert result.passed, result.max_abs_diff
+    assert any("use_cache=False" in note for note in result.notes)

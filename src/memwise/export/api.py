@@ -94,7 +94,7 @@ def export(
     notes: list[str] = []
     with _eval(model), _without_kv_cache(model, notes):
         trace_inputs = source.real(TRACE_BATCH_SIZE if dynamic_batch else 1)
-        model = _tensor_outputs(model, trace_inputs, notes)
+        model = _tensor_outputs(model, source, trace_inputs, notes)
         dynamic_shapes = _batch_dynamic_shapes(trace_inputs) if dynamic_batch and target is not ExportTarget.TORCHSCRIPT else None
         _write(target, model, trace_inputs, path, dynamic_shapes, opset)
         run_exported = TARGETS[target].load(path, model)
@@ -176,7 +176,7 @@ class _TensorOutputsOf(torch.nn.Module):
         return tuple(flat_outputs(self.model(*args, **kwargs)))
 
 
-def _tensor_outputs(model: torch.nn.Module, inputs: ModelInputs, notes: list[str]) -> torch.nn.Module:
+def _tensor_outputs(model: torch.nn.Module, source: Any, inputs: ModelInputs, notes: list[str]) -> torch.nn.Module:
     """`model`, or a wrapper returning only its output tensors when its output holds other objects.
 
     The wrapper keeps the model's forward signature, so inputs and dynamic shapes bind by name.
@@ -187,7 +187,9 @@ def _tensor_outputs(model: torch.nn.Module, inputs: ModelInputs, notes: list[str
         shapes = [tuple(tensor.shape) for tensor in inputs.tensors()]
         raise BadInputError(
             f"example_inputs: the model fails in eager PyTorch on inputs of shapes {shapes} before any export "
-            f"({error_summary(error)}); give inputs it runs on (CLI: --input-shape)"
+            f"({error_summary(error)}); "
+            + ("make_batch must give what the forward needs at inference (labels are dropped)" if source.make_batch is not None
+               else "give inputs it runs on (CLI: --input-shape)")
         ) from error
     dropped = sorted({type(leaf).__name__ for leaf in tree_leaves(output) if leaf is not None and not isinstance(leaf, torch.Tensor)})
     if not dropped:

@@ -1,7 +1,7 @@
 """The inputs an exported model is traced and checked with: a workload's real batches or random ones.
 
 A training batch holds labels that inference does not take. The inference inputs of a batch are:
-a dict without its `labels`; a tuple or list cut to the elements bound to the forward's required
+a dict without its `labels` (an encoder-decoder gets the `decoder_input_ids` its labels imply); a tuple or list cut to the elements bound to the forward's required
 parameters (`SimpleCNN.forward(x, labels=None)` takes `x` only); a tensor as it is.
 """
 
@@ -86,6 +86,10 @@ def inference_inputs(model: torch.nn.Module, batch: Any) -> ModelInputs:
         return ModelInputs((batch,), {})
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS and isinstance(v, torch.Tensor)}
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if callable(prepare) and isinstance(batch.get("labels"), torch.Tensor) and "decoder_input_ids" not in kwargs:
+            # An encoder-decoder (T5, BART) trained on labels derives its decoder inputs from them.
+            kwargs["decoder_input_ids"] = prepare(labels=batch["labels"])
         if not kwargs:
             raise BadInputError(f"batch: no input tensors besides labels in keys {sorted(batch)}")
         return ModelInputs((), kwargs)
