@@ -186,7 +186,8 @@ def _tensor_outputs(model: torch.nn.Module, source: Any, inputs: ModelInputs, no
     except Exception as error:
         shapes = [tuple(tensor.shape) for tensor in inputs.tensors()]
         raise BadInputError(
-            f"example_inputs: the model fails in eager PyTorch on inputs of shapes {shapes} before any export "
+            f"{'example_inputs' if source.make_batch is None else 'workload batch'}: the model fails in eager PyTorch "
+            f"on inputs of shapes {shapes} before any export "
             f"({error_summary(error)}); "
             + ("make_batch must give what the forward needs at inference (labels are dropped)" if source.make_batch is not None
                else "give inputs it runs on (CLI: --input-shape)")
