@@ -28,10 +28,11 @@ from memwise.data import MemmapDataset, tree_pss_bytes, tune_loader  # noqa: E40
 
 
 class BlurDataset(torch.utils.data.Dataset):
-    """64x64 images, each blurred with a 5x5 box filter and 20 pointwise passes in numpy on every read."""
+    """Square images, each blurred with a 5x5 box filter and `passes` pointwise passes in numpy on every read."""
 
-    def __init__(self, count: int) -> None:
-        self.images = np.random.default_rng(0).random((count, 64, 64), dtype=np.float32)
+    def __init__(self, count: int, size: int = 128, passes: int = 60) -> None:
+        self.images = np.random.default_rng(0).random((count, size, size), dtype=np.float32)
+        self.size, self.passes = size, passes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -39,8 +40,9 @@ class BlurDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.images[index]
         padded = np.pad(image, 2, mode="edge")
-        blurred = sum(padded[dy:dy + 64, dx:dx + 64] for dy in range(5) for dx in range(5)) / 25.0
-        for _ in range(20):  # a few more passes: a transform that costs as much as real augmentation
+        size = self.size
+        blurred = sum(padded[dy:dy + size, dx:dx + size] for dy in range(5) for dx in range(5)) / 25.0
+        for _ in range(self.passes):  # more passes: a transform that costs as much as real augmentation (~1 ms)
             blurred = np.sqrt(np.abs(blurred * 1.0001 + 1e-3))
         return torch.from_numpy(np.ascontiguousarray(blurred))
 
@@ -84,11 +86,13 @@ def workers_pss(dataset: torch.utils.data.Dataset, workers: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1024, help="images in the blur dataset")
+    parser.add_argument("--image-size", type=int, default=128, help="side of the blur dataset's images")
+    parser.add_argument("--passes", type=int, default=60, help="pointwise passes of the transform per image")
     parser.add_argument("--rows", type=int, default=20000, help="rows in the memory comparison")
     parser.add_argument("--width", type=int, default=256, help="floats per row")
     args = parser.parse_args()
 
-    dataset = BlurDataset(args.samples)
+    dataset = BlurDataset(args.samples, args.image_size, args.passes)
     config = tune_loader(dataset, 32)
     # Alternate the two loaders and keep the median of each: the machine is shared, so back-to-back
     # single runs can differ by more than the effect.
@@ -99,7 +103,7 @@ def main() -> None:
     default_rate, tuned_rate = statistics.median(default_rates), statistics.median(tuned_rates)
     rows = [["default DataLoader (num_workers=0)", f"{default_rate:,.0f}", "1.00"],
             [f"tuned {config.dataloader_kwargs()}", f"{tuned_rate:,.0f}", f"{tuned_rate / default_rate:.2f}"]]
-    print_table(f"Tuned vs default loader, CPU-heavy transform ({args.samples} 64x64 images, batch 32, 2 epochs, median of 3 alternating runs)",
+    print_table(f"Tuned vs default loader, CPU-heavy transform ({args.samples} {args.image_size}x{args.image_size} images, {args.passes} passes, batch 32, 2 epochs, median of 3 alternating runs)",
                 ["loader", "samples/s", "ratio"], rows)
 
     data = np.random.default_rng(1).random((args.rows, args.width)).astype(np.float32)

@@ -23,7 +23,9 @@ class LoaderCandidate:
     """One DataLoader configuration and what it measured.
 
     Attributes:
-        samples_per_s: samples delivered per second over the measured epochs, worker start-up included.
+        samples_per_s: samples per second over one full epoch of the dataset, projected from what was
+            measured: the steady rate after each epoch's first batch, plus the start-up of the last
+            measured epoch (worker forks every epoch; almost nothing for persistent workers).
         peak_host_bytes: the largest PSS of this process and its workers read at the end of an epoch.
         fits: `peak_host_bytes <= host_budget_bytes` (True when there is no budget).
     """
@@ -119,9 +121,12 @@ def tune_loader(
     least host memory among them is recommended (fewer workers when they buy nothing).
 
     Each candidate (see `candidate_settings`) iterates `epochs` passes of at most `max_batches`
-    batches, so worker start-up is paid as often as it would be in training (once for persistent
-    workers, every epoch otherwise). The PSS of this process and its workers is read at the end of
-    each epoch, off the clock, while the workers and their prefetched batches are alive.
+    batches. Its steady rate (batches after an epoch's first) and its start-up (the wait for the
+    first batch beyond one batch at the steady rate) are measured apart, and projected onto a full
+    epoch of the dataset, as training would see it: start-up every epoch for plain workers, only the
+    reuse cost for persistent ones. A short measured window would otherwise let worker start-up hide
+    what workers buy over a real epoch. The PSS of this process and its workers is read at the end
+    of each epoch, off the clock, while the workers and their prefetched batches are alive.
 
     Args:
         dataset: a map-style dataset (`__len__` and `__getitem__`).
@@ -190,23 +195,38 @@ def tune_loader(
 
 
 def _measure(dataset: Any, batch_size: int, collate_fn: Any, setting: dict[str, Any], max_batches: int, epochs: int) -> tuple[float, int]:
+    """Projected samples/s over a full epoch (see `tune_loader`) and the peak PSS of the process tree."""
     kwargs = {key: value for key, value in setting.items() if value is not None}
     if setting["num_workers"] == 0:
         kwargs.pop("persistent_workers")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, **kwargs)
-    samples, elapsed, peak = 0, 0.0, tree_pss_bytes()
+    steady_samples, steady_s, startup_s, peak = 0, 0.0, 0.0, tree_pss_bytes()
+    first_samples = 0
     for _ in range(epochs):
         started = time.perf_counter()
         iterator = iter(loader)
+        first_at, count = None, 0
         for batch in itertools.islice(iterator, max_batches):
-            samples += _batch_len(batch, batch_size)
-        elapsed += time.perf_counter() - started
+            now = time.perf_counter()
+            if first_at is None:
+                first_at, first_samples = now, _batch_len(batch, batch_size)
+            else:
+                count += _batch_len(batch, batch_size)
+        ended = time.perf_counter()
+        steady_samples += count
+        steady_s += ended - first_at
+        startup_wait = first_at - started  # the last epoch's is what every later epoch pays
         # Sampled off the clock, while this epoch's workers and their prefetched batches are alive:
         # reading /proc/*/smaps_rollup costs ~10 ms a process, too much to do while timing.
         peak = max(peak, tree_pss_bytes())
         del iterator, batch
     del loader  # persistent workers stop here
-    return samples / elapsed, peak
+    if steady_samples == 0 or steady_s <= 0:  # one batch per epoch: nothing but the first batch to time
+        return first_samples / max(startup_wait, 1e-9), peak
+    rate = steady_samples / steady_s
+    startup_s = max(startup_wait - first_samples / rate, 0.0)
+    epoch_samples = len(dataset)
+    return epoch_samples / (startup_s + epoch_samples / rate), peak
 
 
 def _batch_len(batch: Any, batch_size: int) -> int:
