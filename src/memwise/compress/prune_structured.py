@@ -6,9 +6,14 @@ normalization entries), so the pruned model is an ordinary smaller model of the 
 Which layers to prune, and how much, comes from a sensitivity scan: each layer is pruned alone at
 each ratio and the metric drop measured.
 
+Attention heads (`prune_heads`) are removed directly from BERT-style self-attention modules
+(`query`/`key`/`value` Linear layers, `num_attention_heads`, `attention_head_size`, and a sibling
+`output.dense` projection): a head's rows leave query, key and value, its columns leave the output
+projection, and the head count attributes shrink, so the module's forward runs on fewer heads.
+
 Known limitations: a layer whose pruning changes the model's output shape (the classifier, a
-residual stream's width) or breaks its forward (attention heads reshaped with a fixed head count)
-is not a candidate; attention heads are therefore not removed in this version.
+residual stream's width) or breaks its forward is not a channel candidate; heads are only removed
+from attention modules of the layout above (BERT, MiniLM, RoBERTa, ...).
 """
 
 import copy
@@ -23,6 +28,7 @@ from memwise.compress.quantize import MethodSkipped
 from memwise.core.workload import call_model
 
 SCAN_RATIOS = (0.25, 0.5, 0.75)
+HEAD_SCAN_RATIOS = (0.25, 0.5)
 
 
 def _torch_pruning() -> Any:
@@ -119,13 +125,18 @@ def sensitivity_scan(
 
     `on_step()` is called after each evaluation; returning False stops the scan (budget spent).
     """
+    return _scan(model, evaluate, layers, ratios, on_step, lambda layer, ratio: prune_structured(model, example_inputs, {layer: ratio}))
+
+
+def _scan(model: nn.Module, evaluate: Callable[[nn.Module], float], layers: list[str], ratios: tuple[float, ...],
+          on_step: Callable[[], bool] | None, prune_one: Callable[[str, float], nn.Module]) -> list[Sensitivity]:
     base_metric = evaluate(model)
     base_parameters = parameter_count(model)
     scan = []
     for layer in layers:
         drops, removed = {}, {}
         for ratio in ratios:
-            pruned = prune_structured(model, example_inputs, {layer: ratio})
+            pruned = prune_one(layer, ratio)
             drops[ratio] = base_metric - evaluate(pruned)
             removed[ratio] = base_parameters - parameter_count(pruned)
             if on_step is not None and not on_step():
@@ -143,6 +154,112 @@ def ratios_from_scan(scan: list[Sensitivity], tolerated_drop: float) -> dict[str
         if allowed:
             ratios[item.layer] = max(allowed)
     return ratios
+
+
+def attention_layers(model: nn.Module) -> dict[str, int]:
+    """Names of the BERT-style self-attention modules whose heads can be removed, with their head counts.
+
+    Such a module has `query`, `key` and `value` Linear layers, `num_attention_heads` and
+    `attention_head_size`, and its parent has `output.dense`, the Linear that reads all heads.
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        if _output_projection(model, name) is not None:
+            layers[name] = int(module.num_attention_heads)
+    return layers
+
+
+def _output_projection(model: nn.Module, name: str) -> nn.Linear | None:
+    module = model.get_submodule(name)
+    linears = [getattr(module, part, None) for part in ("query", "key", "value")]
+    if "." not in name or not all(isinstance(item, nn.Linear) for item in linears):
+        return None
+    heads, head_size = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
+    if not isinstance(heads, int) or not isinstance(head_size, int) or any(item.out_features != heads * head_size for item in linears):
+        return None
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    dense = getattr(getattr(parent, "output", None), "dense", None)
+    if not isinstance(dense, nn.Linear) or dense.in_features != heads * head_size:
+        return None
+    return dense
+
+
+def weakest_heads(model: nn.Module, layer: str, count: int) -> list[int]:
+    """The `count` heads of `layer` with the smallest L2 norm of their query/key/value rows and output columns."""
+    module = model.get_submodule(layer)
+    dense = _output_projection(model, layer)
+    if dense is None:
+        raise ValueError(f"{layer!r} is not a BERT-style self-attention module")
+    heads, size = module.num_attention_heads, module.attention_head_size
+    with torch.no_grad():
+        norms = sum(
+            linear.weight.detach().float().reshape(heads, size, -1).pow(2).sum(dim=(1, 2)) for linear in (module.query, module.key, module.value)
+        ) + dense.weight.detach().float().reshape(dense.out_features, heads, size).pow(2).sum(dim=(0, 2))
+    return sorted(torch.argsort(norms)[:count].tolist())
+
+
+def prune_heads(model: nn.Module, heads: dict[str, list[int]]) -> nn.Module:
+    """A copy of `model` without the attention heads `heads[layer]` (head indices) of each named layer.
+
+    The heads' rows leave query, key and value, their columns leave the output projection, and
+    `num_attention_heads` / `all_head_size` shrink; at least one head stays in each layer.
+    """
+    pruned = copy.deepcopy(model).eval()
+    for layer, removed in heads.items():
+        if not removed:
+            continue
+        module = pruned.get_submodule(layer)
+        dense = _output_projection(pruned, layer)
+        count, size = module.num_attention_heads, module.attention_head_size
+        if dense is None or len(set(removed)) >= count or not all(0 <= head < count for head in removed):
+            raise ValueError(f"cannot remove heads {removed} of {layer!r} ({count} heads)")
+        keep = torch.tensor([head * size + offset for head in range(count) if head not in removed for offset in range(size)])
+        for part in ("query", "key", "value"):
+            setattr(module, part, _linear_subset(getattr(module, part), rows=keep))
+        parent = pruned.get_submodule(layer.rsplit(".", 1)[0])
+        parent.output.dense = _linear_subset(dense, columns=keep)
+        module.num_attention_heads = count - len(set(removed))
+        module.all_head_size = module.num_attention_heads * size
+    return pruned
+
+
+def _linear_subset(linear: nn.Linear, *, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight.detach()
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, columns] if columns is not None else weight
+    bias = linear.bias.detach()[rows] if linear.bias is not None and rows is not None else linear.bias
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def heads_for_ratios(model: nn.Module, ratios: dict[str, float]) -> dict[str, list[int]]:
+    """The weakest `round(ratio * heads)` heads of each named attention layer (at most all but one)."""
+    layers = attention_layers(model)
+    heads = {}
+    for layer, ratio in ratios.items():
+        count = min(int(round(ratio * layers[layer])), layers[layer] - 1)
+        if count > 0:
+            heads[layer] = weakest_heads(model, layer, count)
+    return heads
+
+
+def head_sensitivity_scan(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    layers: list[str],
+    *,
+    ratios: tuple[float, ...] = HEAD_SCAN_RATIOS,
+    on_step: Callable[[], bool] | None = None,
+) -> list[Sensitivity]:
+    """Removes the weakest `ratio` of the heads of each attention layer alone and measures the drop of `evaluate`.
+
+    `on_step()` is called after each evaluation; returning False stops the scan (budget spent).
+    """
+    return _scan(model, evaluate, layers, ratios, on_step, lambda layer, ratio: prune_heads(model, heads_for_ratios(model, {layer: ratio})))
 
 
 def parameter_count(model: nn.Module) -> int:

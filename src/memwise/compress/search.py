@@ -8,6 +8,7 @@ The search, in order, each step one or more evaluated trials:
 2. structured pruning: a sensitivity scan (each layer pruned alone at 25/50/75%), then all layers
    at the largest ratio each tolerates, recovered by distillation when the pruning costs metric,
    backed off by half while the guard fails; the pruned model is then quantized as in step 1;
+   attention heads (BERT-style self-attention) the same way, scanned at 25/50% of each layer's heads;
 3. unstructured magnitude pruning at 50/70/90% (masked distillation), stored sparse.
 
 Every trial is evaluated on the workload's held-out metric and timed side by side with the
@@ -210,13 +211,7 @@ class _Search:
         example = self.target.inputs(2)
         layers_upper_bound = sum(isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for module in self.original.modules())
         # The scan evaluates each candidate at 3 ratios; a third of the layers is a typical candidate count.
-        expected_s = self.evaluate_s * len(prune_structured.SCAN_RATIOS) * max(1, layers_upper_bound // 3)
-        if Method.DISTILL in self.methods:
-            expected_s += self.distill_estimate_s(self.distill_steps)
-        remaining_s = self.deadline - time.monotonic()
-        if expected_s > remaining_s:
-            self.skip("prune", f"the sensitivity scan needs about {expected_s:.0f} s ({self.evaluate_s:.1f} s per evaluation), "
-                               f"{max(remaining_s, 0):.0f} s of the budget are left; raise --budget-s")
+        if not self.scan_fits("prune", "the sensitivity scan", self.evaluate_s * len(prune_structured.SCAN_RATIOS) * max(1, layers_upper_bound // 3)):
             return
         try:
             layers = prune_structured.candidate_layers(self.original, example, time_left=self.time_left)
@@ -230,13 +225,60 @@ class _Search:
         scan = prune_structured.sensitivity_scan(
             self.original, example, self.target.evaluate, layers, on_step=lambda: self.tick("prune: sensitivity scan"),
         )
+        scan_params = {item.layer: {str(ratio): drop for ratio, drop in item.drop_by_ratio.items()} for item in scan}
+
+        def build(ratios: dict[str, float]) -> tuple[nn.Module, AppliedMethod]:
+            pruned = prune_structured.prune_structured(self.original, example, ratios)
+            return pruned, AppliedMethod(name="prune_structured", params={"ratios": ratios, "importance": "group L2 magnitude", "scan": scan_params})
+
+        self.prune_trials(scan, build)
+
+    def heads(self) -> None:
+        """Attention-head pruning: a sensitivity scan (each attention layer loses 25/50% of its heads
+        alone), then every layer at the largest fraction it tolerates, backed off by half while the
+        guard fails, recovered and quantized as the channel pruning."""
+        layers = prune_structured.attention_layers(self.original)
+        if not layers:
+            return
+        if not self.scan_fits("prune_heads", "the attention-head sensitivity scan", self.evaluate_s * len(prune_structured.HEAD_SCAN_RATIOS) * len(layers)):
+            return
+        self.steps_total += len(layers) * len(prune_structured.HEAD_SCAN_RATIOS)
+        scan = prune_structured.head_sensitivity_scan(
+            self.original, self.target.evaluate, list(layers), on_step=lambda: self.tick("prune_heads: sensitivity scan"),
+        )
+        scan_params = {item.layer: {str(ratio): drop for ratio, drop in item.drop_by_ratio.items()} for item in scan}
+
+        def build(ratios: dict[str, float]) -> tuple[nn.Module, AppliedMethod]:
+            heads = prune_structured.heads_for_ratios(self.original, ratios)
+            pruned = prune_structured.prune_heads(self.original, heads)
+            return pruned, AppliedMethod(name="prune_heads", params={"heads_removed": heads, "heads_per_layer": layers, "importance": "L2 magnitude of q/k/v rows and output columns", "scan": scan_params})
+
+        self.prune_trials(scan, build)
+
+    def scan_fits(self, method: str, what: str, scan_s: float) -> bool:
+        """Whether a sensitivity scan of `scan_s` seconds (plus one distillation) fits the budget left; skips `method` if not."""
+        expected_s = scan_s
+        if Method.DISTILL in self.methods:
+            expected_s += self.distill_estimate_s(self.distill_steps)
+        remaining_s = self.deadline - time.monotonic()
+        if expected_s > remaining_s:
+            self.skip(method, f"{what} needs about {expected_s:.0f} s ({self.evaluate_s:.1f} s per evaluation), "
+                              f"{max(remaining_s, 0):.0f} s of the budget are left; raise --budget-s")
+            return False
+        return True
+
+    def prune_trials(self, scan: list[prune_structured.Sensitivity], build: Callable[[dict[str, float]], tuple[nn.Module, AppliedMethod]]) -> None:
+        """Prunes every scanned layer at the largest ratio it tolerates alone, halving the ratios while
+        the guard fails; each pruned model is recovered by distillation when it costs metric, then quantized."""
         use_distill = Method.DISTILL in self.methods
         # With distillation as recovery a layer may cost more alone than the final guard allows.
         tolerated = self.max_metric_drop * (4.0 if use_distill else 1.0)
         ratios = prune_structured.ratios_from_scan(scan, tolerated)
         while ratios and self.time_left():
-            pruned = prune_structured.prune_structured(self.original, example, ratios)
-            applied = [AppliedMethod(name="prune_structured", params={"ratios": ratios, "importance": "group L2 magnitude", "scan": {item.layer: {str(ratio): drop for ratio, drop in item.drop_by_ratio.items()} for item in scan}})]
+            pruned, method = build(ratios)
+            if prune_structured.parameter_count(pruned) >= prune_structured.parameter_count(self.original):
+                return  # the ratios round to nothing removed (e.g. a quarter of a head)
+            applied = [method]
             drop = self.original_metric - float(self.target.evaluate(pruned))
             if use_distill and drop > self.max_metric_drop / 4 and self.time_left():
                 distill_started = time.monotonic()
@@ -405,6 +447,10 @@ def compress(
             search.structured()
         else:
             search.skip("prune", "budget spent before this step")
+        if search.time_left():
+            search.heads()
+        elif prune_structured.attention_layers(search.original):
+            search.skip("prune_heads", "budget spent before this step")
     if Method.SPARSE in method_set:
         if search.time_left():
             search.sparse()
