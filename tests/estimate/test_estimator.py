@@ -137,7 +137,6 @@ def test_cuda_target_reports_reserved_context_and_fit():
     batch = workload.make_batch(8)
     assert result.next_batch_bytes == _blocks_512(batch if isinstance(batch, (tuple, list)) else [batch])
     assert result.context_bytes == get_device("T4").context_bytes
-    assert result.total_bytes == result.reserved_bytes + get_device("T4").context_bytes
     assert result.reserved_bytes % (2 * 2**20) == 0  # segments are 2 MiB (small pool) or 2 MiB multiples
     assert result.reserved_bytes >= result.peak_bytes
     assert result.fits is True
