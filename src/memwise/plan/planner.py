@@ -48,14 +48,7 @@ from memwise.plan.remedies import (
     search_axes,
     uses_no_less_memory,
 )
-from memwise.plan.step_time import (
-    CALIBRATION_MAX_MICRO_BATCH,
-    StepTimeModel,
-    calibrate_step_time,
-    comm_bytes_per_pass,
-    comm_ms,
-    default_step_time_model,
-)
+from memwise.plan.step_time import StepTimeModel, calibrate_step_time, comm_bytes_per_pass, comm_ms, default_step_time_model
 
 MAX_CONFIRMATIONS = 2
 DEFAULT_MAX_ESTIMATES = 40
@@ -261,20 +254,13 @@ class Planner:
     def time_model(self) -> StepTimeModel:
         """The step-time model, calibrated on first use by timing real steps on this machine's CPU."""
         if self._time_model is None:
-            micro_sizes = self._calibration_micro_batch_sizes()
-            if self._can_run_here(max(micro_sizes)):
-                self._time_model = calibrate_step_time(self.inputs.workload, self.base, self.axes, micro_batch_sizes=micro_sizes)
+            micro = max(1, min(self.effective_batch_size // 4, 4))
+            if self._can_run_here(micro):
+                self._time_model = calibrate_step_time(self.inputs.workload, self.base, self.axes, micro_batch_size=micro)
             else:
                 self._time_model = default_step_time_model(self.axes)
                 self.notes.append("step times use default relative costs: the model is too large to time on this machine")
         return self._time_model
-
-    def _calibration_micro_batch_sizes(self) -> list[int]:
-        """The searched micro-batch sizes per rank, those above `CALIBRATION_MAX_MICRO_BATCH` left out (calibration cost)."""
-        per_rank = self.effective_batch_size // self.nproc
-        sizes = sorted({value for axis in self.axes if axis.name == "micro_batch_size"
-                        for value in (dict(v.fields)["micro_batch_size"] or per_rank for v in axis.values)} or {per_rank})
-        return [size for size in sizes if size <= CALIBRATION_MAX_MICRO_BATCH] or sizes[:1]
 
     def _can_run_here(self, micro: int) -> bool:
         params = list(self.workload.model.parameters())

@@ -4,21 +4,18 @@
               + optimizer_ms + optimizer_delta_ms + transfer_ms
     pass_ms(m) = pass_fixed_ms + pass_per_sample_ms * m
 
-The terms are measured, not assumed: real steps of the workload at the micro-batch sizes the search
-considers, interleaved and timed side by side (median of a few rounds): plain at the largest
-micro-batch M and the smallest m, M/m accumulation passes of m (separates the optimizer's time from
-a pass's), and each checkpoint mode, precision and optimizer setting alone at M. Offload adds its
+The terms are measured, not assumed: a few real steps of the workload at a small batch, timed side
+by side: plain at m and 2m, two accumulation passes of m (separates the optimizer's time from a
+pass's), and each checkpoint mode, precision and optimizer setting alone at m. Offload adds its
 transfers at an assumed host-link bandwidth (only for GPU targets; on the CPU it is a no-op).
 With several ranks, `comm_ms` adds the collectives of DDP or FSDP2 at a stated bandwidth.
 """
 
 import copy
 import dataclasses
-import statistics
 import time
 from collections.abc import Sequence
 
-import psutil
 import torch
 
 from memwise.core.recipe import Mode, Recipe
@@ -30,9 +27,6 @@ from memwise.plan.remedies import Axis
 # 16 GB/s is what pinned-memory copies of many mid-sized tensors reach in practice.
 HOST_LINK_BYTES_PER_MS = 16e9 / 1e3
 _MIN_FACTOR = 0.05
-# Calibration times steps at the largest searched micro-batch; above this size it times the largest
-# one not above it instead, so calibration costs at most ~(1 + repeats) (3 + values) steps of 64 samples.
-CALIBRATION_MAX_MICRO_BATCH = 64
 # Bytes each rank moves per ms in a collective (bus bandwidth), stated, not measured: gloo over
 # loopback on a CPU host moves ~1 GB/s per rank; NCCL within one node (NVLink or PCIe) is
 # conservatively ~50 GB/s. Latency per collective is not charged.
@@ -91,111 +85,80 @@ def default_step_time_model(axes: Sequence[Axis]) -> StepTimeModel:
 
 
 def calibrate_step_time(
-    workload: Workload, base: Recipe, axes: Sequence[Axis], *, micro_batch_sizes: Sequence[int], repeats: int = 3,
+    workload: Workload, base: Recipe, axes: Sequence[Axis], *, micro_batch_size: int, repeats: int = 2,
 ) -> StepTimeModel:
     """Times real steps of `workload` on this machine's CPU and fits a `StepTimeModel`.
 
-    The pass time is measured at the micro-batch sizes the search considers: the smallest (m) and
-    the largest (M) of `micro_batch_sizes`. Configurations: plain at M, plain at m, M/m (at least 2) accumulation
-    passes of m (which separates a pass's time from the optimizer's), and each checkpoint,
-    precision and optimizer value alone at M, so a remedy's factor is the one it has at the batch
-    a plan runs. All configurations are built first and warmed up, then run in `repeats`
-    interleaved rounds (rotated order, so a burst of load on a shared machine hits every
-    configuration alike); each configuration's time is the median of its rounds.
+    Each configuration runs one warm-up step, then `repeats` timed steps; the fastest counts (the
+    least disturbed by other processes). All configurations run at `micro_batch_size` samples
+    (plus one at twice that), so calibration stays cheap for any effective batch.
 
     Args:
         workload: what to run (its largest input when it declares one).
         base: the plain recipe (fp32, no checkpointing) whose non-batch fields the timings keep.
         axes: the planner's axes; every checkpoint, precision and optimizer value is timed.
-        micro_batch_sizes: the micro-batch sizes the search considers (the unsplit batch included).
-        repeats: interleaved timed rounds per configuration.
+        micro_batch_size: the small batch m the configurations run at.
+        repeats: timed steps per configuration.
 
     Returns:
-        The fitted model; `measured_steps` counts every real step run: (1 + repeats) per
-        configuration, 3 + one per timed axis value configurations, each of at most M samples
-        (about (1 + repeats) (3 + values) steps of the planned batch in all).
+        The fitted model; `measured_steps` counts every real step run.
 
     Known limitations:
-        Interleaving holds one model copy (with its optimizer state) per configuration; when they
-        do not fit in a quarter of the available RAM, configurations run one after another. The pass time
-        is linear between m and M; remedy factors are taken as constant in the micro-batch.
+        Timings at a small batch understate how a remedy's cost grows with the batch when the
+        step is memory-bound; the factors are taken as constant in the batch.
     """
-    if not micro_batch_sizes:
-        raise ValueError("micro_batch_sizes: expected at least one micro-batch size, got none")
     started = time.perf_counter()
-    large = max(micro_batch_sizes)
-    small = min(micro_batch_sizes)
-    # about a batch of M in passes of m; at least two passes, which separate a pass from the optimizer
-    passes = max(2, large // small)
-    plain_large = base.replace(batch_size=large, micro_batch_size=None)
-    plain_small = base.replace(batch_size=small, micro_batch_size=None)
-    accumulated = base.replace(batch_size=passes * small, micro_batch_size=small)
-    remedies: list[tuple[Axis, str, Recipe]] = []
+    m = micro_batch_size
+    steps = [0]
+
+    def timed(recipe: Recipe) -> float:
+        model = copy.deepcopy(workload.model)
+        runner = StepRunner(workload, recipe, Mode.TRAIN, model, torch.device("cpu"))
+        try:
+            best = float("inf")
+            for index in range(1 + repeats):
+                batch = runner.make_batch()
+                began = time.perf_counter()
+                runner.step(batch)
+                elapsed_ms = (time.perf_counter() - began) * 1e3
+                steps[0] += 1
+                if index:
+                    best = min(best, elapsed_ms)
+            return best
+        finally:
+            runner.close()
+            del model
+
+    plain = base.replace(batch_size=m, micro_batch_size=None)
+    t_one = timed(plain)
+    t_double = timed(base.replace(batch_size=2 * m, micro_batch_size=None))
+    t_two_passes = timed(base.replace(batch_size=2 * m, micro_batch_size=m))
+    # one pass of m: P(m) = t_two_passes - t_one; the optimizer: O = t_one - P(m)
+    pass_m = max(t_two_passes - t_one, _MIN_FACTOR * t_one)
+    optimizer_ms = max(t_one - pass_m, 0.0)
+    pass_2m = max(t_double - optimizer_ms, pass_m)
+    per_sample = max((pass_2m - pass_m) / m, 0.0)
+    fixed = max(pass_m - per_sample * m, 0.0)
+
+    factors: dict[str, float] = {}
+    optimizer_delta: dict[str, float] = {}
     for axis in axes:
         if axis.name not in ("precision", "checkpoint", "optimizer"):
             continue
         for value in axis.values:
-            changed = plain_large.replace(**dict(value.fields))
-            if changed != plain_large:
-                remedies.append((axis, value.label, changed))
-    recipes = list(dict.fromkeys([plain_large, plain_small, accumulated, *(recipe for _, _, recipe in remedies)]))
-    step_ms, steps = _interleaved_step_ms(workload, recipes, repeats)
-
-    pass_small = max((step_ms[accumulated] - step_ms[plain_small]) / (passes - 1), _MIN_FACTOR * step_ms[plain_small])
-    optimizer_ms = max(step_ms[plain_small] - pass_small, 0.0)
-    pass_large = max(step_ms[plain_large] - optimizer_ms, pass_small)
-    if large > small:
-        per_sample = max((pass_large - pass_small) / (large - small), 0.0)
-        fixed = max(pass_small - per_sample * small, 0.0)
-    else:
-        per_sample, fixed = pass_large / large, 0.0
-
-    factors: dict[str, float] = {}
-    optimizer_delta: dict[str, float] = {}
-    for axis, label, recipe in remedies:
-        elapsed = step_ms[recipe]
-        if axis.name == "optimizer":
-            optimizer_delta[label] = elapsed - step_ms[plain_large]
-        else:
-            factor = max((elapsed - optimizer_ms) / pass_large, _MIN_FACTOR)
-            # recomputation never makes a pass faster; a timing below 1 is noise
-            factors[label] = max(factor, 1.0) if axis.name == "checkpoint" else factor
+            changed = plain.replace(**dict(value.fields))
+            if changed == plain:
+                continue
+            elapsed = timed(changed)
+            if axis.name == "optimizer":
+                optimizer_delta[value.label] = elapsed - t_one
+            else:
+                factor = max((elapsed - optimizer_ms) / pass_m, _MIN_FACTOR)
+                # recomputation never makes a pass faster; a timing below 1 is noise
+                factors[value.label] = max(factor, 1.0) if axis.name == "checkpoint" else factor
     return StepTimeModel(pass_fixed_ms=fixed, pass_per_sample_ms=per_sample, optimizer_ms=optimizer_ms, factors=factors,
-                         optimizer_delta_ms=optimizer_delta, measured_steps=steps,
+                         optimizer_delta_ms=optimizer_delta, measured_steps=steps[0],
                          calibration_s=time.perf_counter() - started)
-
-
-def _interleaved_step_ms(workload: Workload, recipes: Sequence[Recipe], repeats: int) -> tuple[dict[Recipe, float], int]:
-    """Median step time (ms) of each recipe over `repeats` timed steps after one warm-up step, and the steps run.
-
-    The rounds are interleaved (one runner per recipe, all alive) when a model copy with gradients
-    and two Adam moments per recipe fits in a quarter of the available RAM; otherwise the recipes
-    run one after another, one runner at a time.
-    """
-    param_bytes = sum(param.numel() * param.element_size() for param in workload.model.parameters())
-    together = 4 * param_bytes * len(recipes) < 0.25 * psutil.virtual_memory().available
-    groups = [list(recipes)] if together else [[recipe] for recipe in recipes]
-    times: dict[Recipe, list[float]] = {recipe: [] for recipe in recipes}
-    steps = 0
-    for group in groups:
-        runners: dict[Recipe, StepRunner] = {}
-        try:
-            for recipe in group:
-                runners[recipe] = StepRunner(workload, recipe, Mode.TRAIN, copy.deepcopy(workload.model), torch.device("cpu"))
-                runners[recipe].step(runners[recipe].make_batch())
-                steps += 1
-            for round_index in range(repeats):
-                shift = round_index % len(group)
-                for recipe in [*group[shift:], *group[:shift]]:
-                    batch = runners[recipe].make_batch()
-                    began = time.perf_counter()
-                    runners[recipe].step(batch)
-                    times[recipe].append((time.perf_counter() - began) * 1e3)
-                    steps += 1
-        finally:
-            for runner in runners.values():
-                runner.close()
-    return {recipe: statistics.median(values) for recipe, values in times.items()}, steps
 
 
 def comm_bytes_per_pass(strategy: str, param_bytes: int, nproc: int) -> int:
