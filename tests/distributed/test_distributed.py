@@ -195,3 +195,17 @@ def test_bf16_weights_is_refused_before_any_rank_starts():
     for command in (["train", *common, "--steps", "1", "--strategy", "ddp"], ["estimate", *common, "--strategy", "fsdp"]):
         refused = CliRunner().invoke(main, command)
         assert refused.exit_code == 2 and "supported precisions are fp32, bf16, fp16" in refused.output, refused.output
+
+
+def test_a_native_abort_names_its_reason():
+    """torchrun's report only says SIGABRT; the rank's own last words (from C++) say why."""
+    from memwise.distributed.launch import _failure
+
+    output = ("terminate called without an active exception\n"
+              "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n"
+              "  exitcode  : -6 (pid: 5902)  (SIGABRT)\n  traceback : Signal 6 (SIGABRT) received by PID 5902\n")
+    config = DistributedTrainConfig(spec=SPEC, args=ARGS, recipe=memwise.Recipe(batch_size=GLOBAL_BATCH), steps=1)
+    error = _failure(config, 2, output, 1)
+    assert error.rank == 1
+    assert str(error) == ("rank 1 failed: killed by signal SIGABRT (terminate called without an active exception); "
+                          "the other ranks were stopped")

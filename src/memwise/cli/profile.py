@@ -52,7 +52,7 @@ def profile_command(spec, mode, args, steps, verify, device, nproc, strategy, se
     check_output_directory(out, "--out")
     recipe = build_recipe(recipe_options)
     if nproc != 1 or strategy is not None:  # memwise.distributed: every rank measured under torchrun (docs/distributed.md)
-        from memwise.distributed.entry import profile_distributed, rank_peaks
+        from memwise.distributed.entry import end_rank_process, profile_distributed, rank_peaks, under_torchrun
 
         if mode != "train" or verify:
             raise BadInputError(f"--nproc/--strategy: profile train steps only, without --verify; got --mode {mode}"
@@ -63,6 +63,8 @@ def profile_command(spec, mode, args, steps, verify, device, nproc, strategy, se
             show_result(result, output_format, out, stem="profile")
             if output_format != "json":
                 click.echo(rank_peaks(result))
+        if under_torchrun():  # one rank of the user's torchrun: end without teardown (see end_rank_process)
+            end_rank_process(0)
         return
     apply_seed(seed)  # before the model is built (its initial weights) and again before the steps
     workload = load_spec(spec, args)

@@ -66,12 +66,14 @@ def train_command(spec, steps, args, budget, checkpoint_dir, checkpoint_every, r
     budget_bytes = parse_size(budget, name="--budget") if budget is not None else None
     apply_seed(seed)
     if nproc != 1 or strategy is not None:  # memwise.distributed: torchrun, DDP/FSDP2 (docs/distributed.md)
-        from memwise.distributed.entry import summary, train_distributed
+        from memwise.distributed.entry import end_rank_process, summary, train_distributed, under_torchrun
 
         result = train_distributed(spec, parse_args(args), recipe, steps, nproc=nproc, strategy=strategy or "ddp", device=device,
                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         if result is not None:
             emit_json(result.to_dict()) if output_format == "json" else click.echo(summary(result))
+        if under_torchrun():  # one rank of the user's torchrun: end without teardown (see end_rank_process)
+            end_rank_process(0)
         return
     workload = load_spec(spec, args)
     identity = {"spec": spec, "args": parse_args(args)}

@@ -141,6 +141,9 @@ def _failure(config: DistributedTrainConfig, nproc: int, output: str, returncode
         return error_type(f"rank {rank} failed: {cause}; the other ranks were stopped", rank, cause)
     if signal_match:  # killed, or os._exit: no report of its own
         cause = f"killed by signal {signal_match.group(2)}"
+        native = [line.strip() for line in output.splitlines() if re.match(r"\s*(terminate called|what\(\):|Fatal Python error)", line)]
+        if native:  # a C++ abort says why on stderr before the signal
+            cause += f" ({'; '.join(dict.fromkeys(native))})"
     elif exit_match and int(exit_match.group(1)) < 0:
         cause = f"killed by signal {signal.Signals(-int(exit_match.group(1))).name}"
     elif exit_match:

@@ -10,7 +10,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -344,10 +344,13 @@ def _claim_wrap_buffers(log: Any, category: str) -> None:
     log.times_ns.insert(first_forward, log.times_ns[first_forward])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point under torchrun: reads the config file named on the command line, runs this rank."""
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point under torchrun: reads the config file named on the command line, runs this rank,
+    and ends the process (see `end_rank_process`); a failure raises as usual."""
     argv = sys.argv[1:] if argv is None else argv
     config = DistributedTrainConfig.from_dict(json.loads(Path(argv[0]).read_text()))
+    from memwise.distributed.entry import end_rank_process
+
     run_rank(config, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    return 0
+    end_rank_process(0)
 
