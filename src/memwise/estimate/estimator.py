@@ -2,6 +2,7 @@
 
 import dataclasses
 import time
+from collections.abc import Collection
 
 import psutil
 
@@ -196,15 +197,26 @@ class _RunResult:
     notes: tuple[str, ...]
 
 
+def trace_log(
+    workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe: OpProbe | None, *,
+    blocks: BlockTagger | None = None, backward_marks: Collection[str] = (),
+) -> MemoryLog:
+    """The log of the estimator's fake steps of `workload` on `spec`, every block traced (see
+    `fake_step_log` for `blocks` and `backward_marks`)."""
+    cuda = spec.kind == "cuda"
+    return fake_step_log(
+        workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
+        round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
+        optimizer_foreach=True if cuda else None, cuda_autocast=cuda, offload_to_host=cuda, blocks=blocks,
+        backward_marks=backward_marks,
+    )
+
+
 def _run(workload: Workload, recipe: Recipe, mode: Mode, spec: DeviceSpec, probe: OpProbe | None) -> _RunResult:
     cuda = spec.kind == "cuda"
 
     def trace(blocks: BlockTagger | None = None) -> MemoryLog:
-        return fake_step_log(
-            workload, recipe, mode, steps=_STEPS if mode == Mode.TRAIN else 1,
-            round_size=round_size if cuda else (lambda nbytes: nbytes), probe=probe,
-            optimizer_foreach=True if cuda else None, cuda_autocast=cuda, offload_to_host=cuda, blocks=blocks,
-        )
+        return trace_log(workload, recipe, mode, spec, probe, blocks=blocks)
 
     stack = find_block_stack(workload.model)
     log, how = (stacked_step_log(trace, stack, module_names(workload.model)) if stack else (None, ""))

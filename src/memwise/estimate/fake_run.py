@@ -10,7 +10,7 @@ import contextlib
 import copy
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -277,6 +277,7 @@ def fake_step_log(
     cuda_autocast: bool = False,
     offload_to_host: bool = False,
     blocks: BlockTagger | None = None,
+    backward_marks: Collection[str] = (),
 ) -> MemoryLog:
     """Runs `steps` steps of `workload` on fake tensors; returns the memory log they would write.
 
@@ -285,7 +286,10 @@ def fake_step_log(
     `offload_to_host` (a GPU target), the recipe's `offload` is played as on a GPU: the optimizer
     step's allocations, or the copies of tensors saved for backward, are logged as host memory.
     With `blocks`, the model runs with the first blocks of its stack only and every event is
-    tagged with its block (see `block_stack.stacked_step_log`).
+    tagged with its block (see `block_stack.stacked_step_log`). For each module named in
+    `backward_marks`, the log marks where its backward starts (`backward_start`: a gradient of its
+    output is ready, where FSDP2's pre-backward runs) and ends (`backward_end`: a gradient of an
+    input that requires one is ready, where FSDP2's post-backward runs).
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with blocks.truncated(workload.model) if blocks else contextlib.nullcontext():
@@ -328,6 +332,7 @@ def fake_step_log(
         getattr(log, method)(*args)
 
     hooks = ModuleMarks(model, lambda name: marker("enter", name), lambda name: marker("exit", name))
+    backward_hooks = _backward_marks(model, backward_marks, log)
     observer.marker = marker
     try:
         runner.on_phase, runner.on_batch = on_phase, observer.on_batch
@@ -345,8 +350,31 @@ def fake_step_log(
             observer.optimizer = None
     finally:
         hooks.remove()
+        for handle in backward_hooks:
+            handle.remove()
         if cuda_autocast:
             close_weight_cast_cache()
         if blocks is not None:
             blocks.detach()
     return log
+
+
+def _backward_marks(model: torch.nn.Module, names: Collection[str], log: MemoryLog) -> list[Any]:
+    """Forward hooks on the modules named in `names` that hook the gradients of their outputs and
+    inputs, to mark in `log` where each module's backward starts and ends."""
+    handles = []
+    for name, module in model.named_modules():
+        if name not in names:
+            continue
+
+        def hook_tensors(tensors: Any, label: str, name: str = name) -> None:
+            if not torch.is_grad_enabled():
+                return
+            for tensor in tree_flatten(tensors)[0]:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(lambda _grad, label=label, name=name: log.mark(label, name))
+
+        handles.append(module.register_forward_pre_hook(
+            lambda _m, args, kwargs, hook=hook_tensors: hook((args, kwargs), "backward_end"), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda _m, _args, output, hook=hook_tensors: hook(output, "backward_start")))
+    return handles

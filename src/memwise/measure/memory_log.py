@@ -138,6 +138,11 @@ class MemoryLog:
     def exit(self, module: str, time_ns: int | None = None) -> None:
         self._add(("exit", module), time_ns)
 
+    def mark(self, label: str, module: str, time_ns: int | None = None) -> None:
+        """A point in the step that the summary ignores (e.g. where a block's backward starts), for
+        transforms of the log such as `memwise.distributed.estimate`'s FSDP2 replay."""
+        self._add(("mark", label, module), time_ns)
+
     def claim(self, category: str, keys_and_modules: list[tuple[Any, str | None]], time_ns: int | None = None) -> None:
         """Says the live allocations at `keys` hold `category` (e.g. gradients), owned by those modules."""
         self._add(("claim", category, list(keys_and_modules)), time_ns)
