@@ -78,6 +78,24 @@ def test_plan_round_trips_through_json(planner, reference):
         Plan.from_dict({**data, "colour": 1})
 
 
+def test_finalists_are_timed_side_by_side_and_the_fastest_measured_wins():
+    """The step-time model ranks the space; the fitting candidates it puts near its fastest are
+    timed on this machine, interleaved, and the fastest measured one is the plan."""
+    from memwise.plan.planner import MAX_FINALISTS, RACE_ROUNDS
+
+    planner = Planner(memwise.load_workload("mlp", {"width": 256, "depth": 3}), effective_batch_size=BATCH)
+    plain = planner.estimate(Recipe(batch_size=BATCH)).peak_bytes
+    result = planner.plan(int(plain * 1.3))
+    raced = planner._raced_ms
+    assert 2 <= len(raced) <= MAX_FINALISTS, raced
+    assert result.recipe == min(raced, key=raced.get)
+    budget = int(plain * 1.3)
+    assert all(planner.estimate(recipe).peak_bytes <= budget * 0.95 for recipe in raced)  # only recipes that fit race
+    assert result.calibration_steps == planner.time_model().measured_steps + len(raced) * (1 + RACE_ROUNDS)
+    assert any("finalists" in note for note in result.notes)
+    assert result.real_steps <= 2 and result.measured_peak_bytes <= result.budget_bytes
+
+
 FRACTIONS = [0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.3]
 
 

@@ -48,9 +48,20 @@ from memwise.plan.remedies import (
     search_axes,
     uses_no_less_memory,
 )
-from memwise.plan.step_time import StepTimeModel, calibrate_step_time, comm_bytes_per_pass, comm_ms, default_step_time_model
+from memwise.plan.step_time import (
+    StepTimeModel,
+    calibrate_step_time,
+    comm_bytes_per_pass,
+    comm_ms,
+    default_step_time_model,
+    time_side_by_side,
+)
 
 MAX_CONFIRMATIONS = 2
+MAX_FINALISTS = 3  # candidates timed side by side before the winner is confirmed (see Planner._race)
+FINALIST_WINDOW = 2.0  # ... those the model predicts within this factor of its fastest fitting one
+RACE_ROUNDS = 3
+MAX_RACE_ESTIMATES = 8  # estimates a race may add to find its finalists
 DEFAULT_MAX_ESTIMATES = 40
 
 
@@ -112,7 +123,7 @@ class Plan:
         reason: when infeasible, why.
         workload, device, objective, effective_batch_size: what was planned.
         sized_for: the input the plan was sized for.
-        calibration_steps: real steps timed to calibrate the step-time model.
+        calibration_steps: real steps timed on this machine: to calibrate the step-time model, and to time the finalists side by side (`Planner._race`).
         estimates: estimator runs.
         notes: what the plan assumed or could not do.
         elapsed_s: wall time of planning.
@@ -222,6 +233,9 @@ class Planner:
         self._estimates: dict[Recipe, Estimate | None] = {}
         self._estimate_count = 0
         self._time_model = time_model
+        self._race_here = time_model is None  # a given model decides alone; one calibrated here is checked by timing finalists
+        self._raced_ms: dict[Recipe, float] = {}  # the last race's median step times
+        self._race_steps = 0
         self._order: list[Candidate] | None = None
         self._search_notes: list[str] = []
 
@@ -262,13 +276,13 @@ class Planner:
                 self.notes.append("step times use default relative costs: the model is too large to time on this machine")
         return self._time_model
 
-    def _can_run_here(self, micro: int) -> bool:
+    def _can_run_here(self, micro: int, *, copies: int = 1) -> bool:
         params = list(self.workload.model.parameters())
         if any(param.is_meta for param in params):
             return False
         param_bytes = sum(param.numel() * param.element_size() for param in params)
-        # parameters, gradients, two Adam moments and a small batch's activations, with room to spare
-        return 8 * param_bytes < 0.25 * psutil.virtual_memory().available
+        # per copy: parameters, gradients, two Adam moments and a small batch's activations, with room to spare
+        return 8 * param_bytes * copies < 0.25 * psutil.virtual_memory().available
 
     def step_ms(self, candidate: Candidate) -> float:
         """Predicted step time of `candidate` in ms."""
@@ -317,7 +331,7 @@ class Planner:
         if self.spec.kind == "cuda" and budget_bytes > self.spec.memory_bytes:
             notes.append(f"budget {budget_bytes} bytes is more than the {self.spec.name}'s {self.spec.memory_bytes}; planned for the device's capacity")
             budget_bytes = self.spec.memory_bytes
-        count_before = self._estimate_count
+        count_before, race_steps_before = self._estimate_count, self._race_steps
         self._check_effective_batch(budget_bytes)
         time_model = self.time_model()
         smallest = [s for s in (self._score(c) for c in self.smallest_candidates()) if s is not None]
@@ -341,7 +355,10 @@ class Planner:
                 options = [s for s in smallest if fits(s, scale) and s.candidate.choice not in rejected]
                 chosen = min(options, key=lambda s: (predicted_bytes(s.estimate), s.step_ms)) if options else None
             else:
-                chosen = self._fastest_fitting(lambda s, scale=scale: fits(s, scale) and s.candidate.choice not in rejected, count_before)
+                open_to = lambda s, scale=scale: fits(s, scale) and s.candidate.choice not in rejected  # noqa: E731
+                chosen = self._fastest_fitting(open_to, count_before)
+                if chosen is not None and confirm_steps:
+                    chosen = self._race(chosen, open_to, notes)
             if chosen is None or not confirm_steps or not can_confirm(self.spec) or self.nproc > 1:
                 break
             confirmation = confirm(self.inputs.workload, chosen.candidate.recipe, self.spec, chosen.estimate)
@@ -365,7 +382,7 @@ class Planner:
         winner = chosen or floor
         alternatives = _frontier(scored, winner, budget_bytes, self.margin, self.axes, self.strategy)
         reason = None if chosen is not None else self._reason(floor, budget_bytes, notes)
-        calibration = time_model.measured_steps
+        calibration = time_model.measured_steps + self._race_steps - race_steps_before
         if time_model.calibrated:
             notes.append(f"step times from a model calibrated on {calibration} timed real steps on this machine's CPU"
                          + (" (relative only for a GPU target)" if self.spec.kind == "cuda" else ""))
@@ -419,6 +436,55 @@ class Planner:
                 return scored
             too_large.append(candidate.choice)
         return None
+
+    def _race(self, chosen: _Scored, fits: Any, notes: list[str]) -> _Scored:
+        """The fastest, timed side by side on this machine, of `chosen` and fitting candidates (at
+        most `MAX_FINALISTS` in all, fastest predicted first): those the step-time model puts
+        within `FINALIST_WINDOW` of it, and the fastest with a micro-batch size and checkpoint mode
+        no finalist has yet.
+
+        The model ranks the space; its error on a shared CPU (a pass's fixed cost, a recompute
+        factor measured at a small batch) reached 40-70% on a busy 2-core machine, so the
+        finalists are settled by measurement. Only where the plan's target is this machine's CPU
+        with one process, and the finalists' models and optimizer states fit in memory side by side.
+        """
+        if not self._race_here or self.spec.kind != "cpu" or self.nproc > 1 or not self.time_model().calibrated:
+            return chosen
+        finalists = [chosen]
+        new_estimates = 0
+        for candidate in self._undominated():
+            if len(finalists) >= MAX_FINALISTS:
+                break
+            if candidate.choice == chosen.candidate.choice:
+                continue
+            within = self.step_ms(candidate) <= chosen.step_ms * FINALIST_WINDOW
+            # the model's least certain terms: a pass's fixed cost (micro-batching) and recompute
+            # (checkpointing); a candidate with a mix of those no finalist has is raced whatever its prediction
+            new_mix = self._uncertain_mix(candidate) not in {self._uncertain_mix(s.candidate) for s in finalists}
+            if not (within or new_mix):
+                continue
+            if candidate.recipe not in self._estimates:
+                if new_estimates >= MAX_RACE_ESTIMATES:
+                    continue
+                new_estimates += 1
+            scored = self._score(candidate)
+            if scored is not None and fits(scored):
+                finalists.append(scored)
+        if len(finalists) < 2 or not self._can_run_here(self.effective_batch_size, copies=len(finalists)):
+            return chosen
+        # all of them in one race, every time: timings from different moments of a shared machine do not compare
+        self._raced_ms = time_side_by_side(self.inputs.workload, [s.candidate.recipe for s in finalists], RACE_ROUNDS)
+        self._race_steps += len(finalists) * (1 + RACE_ROUNDS)
+        fastest = min(finalists, key=lambda s: self._raced_ms[s.candidate.recipe])
+        notes.append(f"{len(finalists)} finalists (within {FINALIST_WINDOW:g}x of the model's fastest, or another micro-batch "
+                     "or checkpoint mix) timed side by side "
+                     f"(median of {RACE_ROUNDS} interleaved steps): "
+                     + "; ".join(f"{recipe_text(s.candidate.recipe)} {self._raced_ms[s.candidate.recipe]:.0f} ms" for s in finalists))
+        return fastest
+
+    def _uncertain_mix(self, candidate: Candidate) -> tuple[Any, ...]:
+        """The candidate's micro-batch size and checkpoint mode: the choices the step-time model prices least surely."""
+        return tuple(axis.values[i].label for axis, i in zip(self.axes, candidate.choice) if axis.name in ("micro_batch_size", "checkpoint"))
 
     def _undominated(self) -> list[Candidate]:
         """The candidates, fastest first, without those another is no slower and no larger than.

@@ -13,6 +13,7 @@ With several ranks, `comm_ms` adds the collectives of DDP or FSDP2 at a stated b
 
 import copy
 import dataclasses
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -159,6 +160,33 @@ def calibrate_step_time(
     return StepTimeModel(pass_fixed_ms=fixed, pass_per_sample_ms=per_sample, optimizer_ms=optimizer_ms, factors=factors,
                          optimizer_delta_ms=optimizer_delta, measured_steps=steps[0],
                          calibration_s=time.perf_counter() - started)
+
+
+def time_side_by_side(workload: Workload, recipes: Sequence[Recipe], rounds: int) -> dict[Recipe, float]:
+    """Median step time (ms) of each recipe on this machine's CPU over `rounds` interleaved rounds.
+
+    One runner per recipe (its own copy of the model), each warmed up by one step; then every round
+    times one step of every recipe, in an order rotated each round, so that a burst of load on a
+    shared machine hits all of them alike.
+    """
+    runners = {recipe: StepRunner(workload, recipe, Mode.TRAIN, copy.deepcopy(workload.model), torch.device("cpu")) for recipe in recipes}
+    times: dict[Recipe, list[float]] = {recipe: [] for recipe in recipes}
+    order = list(recipes)
+    try:
+        for runner in runners.values():
+            runner.step(runner.make_batch())
+        for round_index in range(rounds):
+            shift = round_index % len(order)
+            for recipe in order[shift:] + order[:shift]:
+                runner = runners[recipe]
+                batch = runner.make_batch()
+                began = time.perf_counter()
+                runner.step(batch)
+                times[recipe].append((time.perf_counter() - began) * 1e3)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return {recipe: statistics.median(values) for recipe, values in times.items()}
 
 
 def comm_bytes_per_pass(strategy: str, param_bytes: int, nproc: int) -> int:
