@@ -29,6 +29,8 @@ CASES = [  # (spec, args, global recipe)
     ("mlp", {"width": 512, "depth": 2}, memwise.Recipe(batch_size=8, optimizer="adamw")),
     ("gpt", {"preset": "tiny"}, memwise.Recipe(batch_size=8)),  # peak where the activations are
     ("hf:gpt2", {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 1000}, memwise.Recipe(batch_size=4)),
+    ("gpt", {"preset": "tiny"}, memwise.Recipe(batch_size=8, checkpoint="full")),  # recompute inside each block's backward
+    ("gpt", {"preset": "tiny"}, memwise.Recipe(batch_size=8, precision="bf16")),  # autocast casts of the gathered weights
 ]
 
 
@@ -57,7 +59,7 @@ def tracked_peak(spec, args, recipe):
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
-@pytest.mark.parametrize("spec, args, recipe", CASES, ids=[f"{spec}-{'-'.join(map(str, args.values()))}" for spec, args, _ in CASES])
+@pytest.mark.parametrize("spec, args, recipe", CASES, ids=[f"{spec}-{'-'.join(map(str, args.values()))}-{r.checkpoint.value}-{r.precision.value}" for spec, args, r in CASES])
 def test_replay_equals_fsdp_mem_tracker(fake_group, spec, args, recipe):
     workload = load_workload(spec, args)
     local = rank_recipe(resolve_recipe(workload, recipe), NPROC)
