@@ -1,27 +1,31 @@
-"""The FSDP2 per-rank estimate against torch's own FSDPMemTracker, in one process.
+"""The FSDP2 per-rank estimate against torch's own FSDPMemTracker.
 
 The tracker runs real FSDP2 (`fully_shard`) on a fake process group and counts every tensor FSDP2
 and the step allocate, by module and phase: an independent reference that needs no ranks and
 has no collective library of its own (the estimate's model without gloo's copies, as on NCCL).
-The real-rank check (gloo through torchrun) is in test_distributed.py.
+It runs in a process of its own (fsdp_tracker.py). The real-rank check (gloo through torchrun)
+is in test_distributed.py.
 """
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
-import torch
-import torch.distributed as dist
 
 import memwise
 from memwise.core.recipe import Mode
-from memwise.core.step import StepRunner, resolve_recipe
+from memwise.core.step import resolve_recipe
 from memwise.distributed.estimate import fsdp_rank_log
-from memwise.distributed.worker import rank_recipe, rank_slice
-from memwise.distributed.wrap import wrap_model, fsdp_blocks
+from memwise.distributed.worker import rank_recipe
+from memwise.distributed.wrap import fsdp_blocks
 from memwise.estimate.estimator import MAX_PROBE_BYTES, resolve_device, trace_log
 from memwise.estimate.op_probe import OpProbe
 from memwise.workloads import load_workload
 
-tracker_module = pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker", reason="needs torch's FSDPMemTracker")
-fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg", reason="needs torch's fake process group")
+pytest.importorskip("torch.distributed._tools.fsdp2_mem_tracker", reason="needs torch's FSDPMemTracker")
+pytest.importorskip("torch.testing._internal.distributed.fake_pg", reason="needs torch's fake process group")
 
 NPROC = 2
 CASES = [  # (spec, args, global recipe)
@@ -35,39 +39,22 @@ CASES = [  # (spec, args, global recipe)
 
 
 @pytest.fixture(scope="module")
-def fake_group():
-    dist.init_process_group("fake", rank=0, world_size=NPROC, store=fake_pg.FakeStore())
-    yield
-    dist.destroy_process_group()
+def tracked():
+    """FSDPMemTracker's peak for every case, measured in a separate process (fsdp_tracker.py)."""
+    script = Path(__file__).with_name("fsdp_tracker.py")
+    done = subprocess.run([sys.executable, str(script), *map(str, range(len(CASES)))], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def tracked_peak(spec, args, recipe):
-    """FSDPMemTracker's peak over 3 steps of the same FSDP2 wrap and step memwise's worker runs."""
-    workload = load_workload(spec, args)
-    recipe = resolve_recipe(workload, recipe)
-    local = rank_recipe(recipe, NPROC)
-    model = wrap_model(workload.model, "fsdp", torch.device("cpu"), NPROC)
-    runner = StepRunner(workload, local, Mode.TRAIN, model, torch.device("cpu"))
-    batch = rank_slice(workload.make_batch(recipe.batch_size), 0, NPROC)
-    tracker = tracker_module.FSDPMemTracker(model, runner.optimizer)
-    tracker.track_inputs((batch,))
-    with tracker:
-        for _ in range(3):
-            runner.step(batch)
-            tracker.reset_mod_stats()  # the tracker keeps per-module stats of one iteration only
-    runner.close()
-    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-
-
-@pytest.mark.parametrize("spec, args, recipe", CASES, ids=[f"{spec}-{'-'.join(map(str, args.values()))}-{r.checkpoint.value}-{r.precision.value}" for spec, args, r in CASES])
-def test_replay_equals_fsdp_mem_tracker(fake_group, spec, args, recipe):
+@pytest.mark.parametrize("index", range(len(CASES)),
+                         ids=[f"{spec}-{'-'.join(map(str, args.values()))}-{r.checkpoint.value}-{r.precision.value}" for spec, args, r in CASES])
+def test_replay_equals_fsdp_mem_tracker(tracked, index):
+    spec, args, recipe = CASES[index]
     workload = load_workload(spec, args)
     local = rank_recipe(resolve_recipe(workload, recipe), NPROC)
     blocks = fsdp_blocks(workload.model)
     log = trace_log(workload, local, Mode.TRAIN, resolve_device("cpu"), OpProbe(max_probe_bytes=MAX_PROBE_BYTES),
                     backward_marks={name for name, _ in blocks})
     estimated = fsdp_rank_log(log, workload.model, blocks, NPROC, gloo=False).summarize().peak_bytes
-    tracked = tracked_peak(spec, args, recipe)
-    print(f"{spec} {args}: replay {estimated}, FSDPMemTracker {tracked}")
-    assert abs(estimated / tracked - 1) <= 0.005, (estimated, tracked)
-
+    assert abs(estimated / tracked[index] - 1) <= 0.005, (estimated, tracked[index])
