@@ -261,7 +261,10 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
     out = MemoryLog(mode=log.mode, module_names=log.module_names)
     out.notes = list(log.notes)
     counter = itertools.count()
-    new_key = lambda: ("fsdp", next(counter))  # noqa: E731
+
+    def new_key() -> tuple[str, int]:  # keys of the blocks FSDP2 adds, unlike the trace's integer keys
+        return ("fsdp", next(counter))
+
     grad_key_group: dict[Any, _Group] = {}
     pending_reduce: list[Any] = []  # reduce-scatter inputs kept until the next post-backward
     phase = "idle"
