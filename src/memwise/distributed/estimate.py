@@ -190,7 +190,7 @@ class _Group:
     name: str
     shard_sizes: list[int]  # each parameter's shard, in bytes
     owners: list[str]  # each parameter's owning module
-    unsharded: int = 0  # all parameters all-gathered (dim 0 padded), in bytes
+    unsharded: int  # all parameters all-gathered (dim 0 padded), in bytes: the shards of every rank
     gathered: list[Any] = dataclasses.field(default_factory=list)  # keys of the unsharded parameters, while gathered
     grads: list[Any] = dataclasses.field(default_factory=list)  # keys of the unsharded gradients in this backward
     sharded_grad: Any = None  # key of the reduce-scatter output (the sharded gradients)
@@ -207,9 +207,8 @@ def _fsdp_groups(model: torch.nn.Module, blocks: list[tuple[str, torch.nn.Module
     groups.append((ROOT_MODULE, [p for p in model.parameters() if id(p) not in seen and not seen.add(id(p))]))
     result = []
     for name, params in groups:
-        group = _Group(name, [shard_bytes(p, nproc) for p in params], [owners.get(id(p), ROOT_MODULE) for p in params])
-        group.unsharded = sum(shard_bytes(p, nproc) * nproc for p in params)
-        result.append(group)
+        sizes = [shard_bytes(p, nproc) for p in params]
+        result.append(_Group(name, sizes, [owners.get(id(p), ROOT_MODULE) for p in params], sum(sizes) * nproc))
     return result
 
 
@@ -238,11 +237,12 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
     root = groups[-1]
     block_order = [group.name for group in groups[:-1]]
     full_to_shard: dict[int, int] = {}
+    full_total = 0
     for p in {id(p): p for p in model.parameters()}.values():
         full = p.numel() * p.element_size()
         shard = shard_bytes(p, nproc)
         full_to_shard[full] = shard if full_to_shard.get(full, shard) == shard else -1
-    full_total = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        full_total += full
     ratio = sum(sum(g.shard_sizes) for g in groups) / full_total if full_total else 1.0
     # Which allocation each gradient claim names, and its group (claims come at the optimizer phase).
     owner_group = {}
@@ -270,6 +270,10 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
     phase = "idle"
     started: set[str] = set()
     ended: set[str] = set()
+
+    def keep(event: tuple[Any, ...]) -> None:  # an event of the trace, unchanged
+        out.events.append(event)
+        out.times_ns.append(None)
 
     def alloc(nbytes: int, category: str | None = None) -> Any:
         key = new_key()
@@ -317,8 +321,7 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
         if kind == "alloc" and event[3] == "param" and event[4] is not None and log.times_ns[index] is None:
             continue  # a full parameter: replaced by its shard above
         if kind == "alloc" and index in grad_group:
-            out.events.append(event)
-            out.times_ns.append(None)
+            keep(event)
             grad_group[index].grads.append(event[1])
             grad_key_group[event[1]] = grad_group[index]
             continue
@@ -326,8 +329,7 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
             mapped = full_to_shard.get(event[2], -1)
             if mapped < 0:  # a scalar (a step count) stays; anything else scales with the shards
                 mapped = event[2] if event[2] <= 16 else int(event[2] * ratio)
-            out.events.append((*event[:2], mapped, *event[3:]))
-            out.times_ns.append(None)
+            keep((*event[:2], mapped, *event[3:]))
             continue
         if kind == "free" and event[1] in grad_key_group:
             group = grad_key_group.pop(event[1])
@@ -346,8 +348,7 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
                 for key in pending_reduce:
                     out.free(key)
                 pending_reduce.clear()
-            out.events.append(event)
-            out.times_ns.append(None)
+            keep(event)
             phase = event[1]
             if phase == "forward":
                 started.clear()
@@ -357,8 +358,7 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
                 unshard(by_block[block_order[-1]])
             continue
         if kind == "enter" and phase == "forward" and event[1] in by_block:
-            out.events.append(event)
-            out.times_ns.append(None)
+            keep(event)
             unshard(by_block[event[1]])
             continue
         if kind == "exit" and phase == "forward" and event[1] in by_block:
@@ -368,7 +368,7 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
                 continue
             # One gradient can end a block's backward and start the previous block's: the post-backward
             # (an autograd node on the block's inputs) runs before the hooks on that gradient's tensor.
-            marks = list(itertools.takewhile(lambda other: other[0] == "mark", log.events[index:]))
+            marks = list(itertools.takewhile(lambda other: other[0] == "mark", itertools.islice(log.events, index, None)))
             for label, name in sorted(((mark[1], mark[2]) for mark in marks), key=lambda mark: mark[0] != "backward_end"):
                 if label == "backward_end" and name in started:
                     post_backward(by_block[name])
@@ -379,6 +379,5 @@ def fsdp_rank_log(log: MemoryLog, model: torch.nn.Module, blocks: list[tuple[str
                     if position > 0:
                         unshard(by_block[block_order[position - 1]])  # backward prefetch
             continue
-        out.events.append(event)
-        out.times_ns.append(None)
+        keep(event)
     return out
