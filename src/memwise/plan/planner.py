@@ -384,7 +384,7 @@ class Planner:
         reason = None if chosen is not None else self._reason(floor, budget_bytes, notes)
         calibration = time_model.measured_steps + self._race_steps - race_steps_before
         if time_model.calibrated:
-            notes.append(f"step times from a model calibrated on {calibration} timed real steps on this machine's CPU"
+            notes.append(f"step times from a model calibrated on {time_model.measured_steps} timed real steps on this machine's CPU"
                          + (" (relative only for a GPU target)" if self.spec.kind == "cuda" else ""))
         notes.append(self.inputs.sizing(winner.candidate.recipe.micro_batch_size or self.effective_batch_size).note)
         return Plan(

@@ -169,10 +169,12 @@ def time_side_by_side(workload: Workload, recipes: Sequence[Recipe], rounds: int
     times one step of every recipe, in an order rotated each round, so that a burst of load on a
     shared machine hits all of them alike.
     """
-    runners = {recipe: StepRunner(workload, recipe, Mode.TRAIN, copy.deepcopy(workload.model), torch.device("cpu")) for recipe in recipes}
+    runners: dict[Recipe, StepRunner] = {}
     times: dict[Recipe, list[float]] = {recipe: [] for recipe in recipes}
     order = list(recipes)
     try:
+        for recipe in order:  # inside the try: a runner that fails to build leaves none of the others open
+            runners[recipe] = StepRunner(workload, recipe, Mode.TRAIN, copy.deepcopy(workload.model), torch.device("cpu"))
         for runner in runners.values():
             runner.step(runner.make_batch())
         for round_index in range(rounds):
